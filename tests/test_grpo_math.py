@@ -1,0 +1,218 @@
+"""The GRPO / CLGRPO math against hand-computed numbers, values and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from clgrpo import STAGE_PRESETS, clipped_surrogate, group_advantages, grpo_loss, kl_k3, masked_aggregate
+
+LN = math.log
+
+
+# ---------------------------------------------------------------------------------------------
+# Group advantages
+# ---------------------------------------------------------------------------------------------
+def test_group_advantages_two_groups_by_hand():
+    # Group 1: [1, 0, 0] mean 1/3, deviations [2/3, -1/3, -1/3], sample var (4/9+1/9+1/9)/2 = 1/3.
+    # Group 2: [3, 1, 2] mean 2, deviations [1, -1, 0], sample var (1+1+0)/2 = 1.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 3.0, 1.0, 2.0])
+    adv, zero_std = group_advantages(rewards, group_size=3)
+    s1 = math.sqrt(1 / 3) + 1e-4
+    expected = [2 / 3 / s1, -1 / 3 / s1, -1 / 3 / s1, 1 / 1.0001, -1 / 1.0001, 0.0]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    assert zero_std.tolist() == [False, False]
+
+
+def test_group_advantages_equal_rewards_are_exact_zeros():
+    # 0.1 is not exact in binary: mean - value is rounding noise that eps-division would inflate.
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 1.0, 0.0, 1.0, 0.0])
+    adv, zero_std = group_advantages(rewards, group_size=4)
+    assert torch.isfinite(adv).all()
+    assert adv[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert zero_std.tolist() == [True, False]
+    # [1,0,1,0]: mean 0.5, sample var (4 * 0.25) / 3 = 1/3
+    assert adv[4:].tolist() == pytest.approx([x / (math.sqrt(1 / 3) + 1e-4) for x in (0.5, -0.5, 0.5, -0.5)], abs=1e-6)
+
+
+def test_group_advantages_scale_none_is_centred_rewards():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 3.0, 1.0, 2.0])
+    adv, _ = group_advantages(rewards, group_size=3, scale="none")
+    assert adv.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 1.0, -1.0, 0.0], abs=1e-6)
+
+
+def test_group_advantages_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        group_advantages(torch.zeros(6), group_size=4)
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        group_advantages(torch.zeros(6), group_size=1)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(torch.zeros(6), group_size=3, scale="batch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipped surrogate: value and gradient, each sign of A, ratio below / inside / above the range
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "adv, ratio, value, dvalue_dratio",
+    [
+        # A > 0: only the upper bound 1 + eps_high = 1.2 can bind.
+        (2.0, 0.5, 1.0, 2.0),    # below range: min(1.0, 0.8*2=1.6) = 1.0, unclipped -> grad A
+        (2.0, 1.1, 2.2, 2.0),    # inside
+        (2.0, 1.5, 2.4, 0.0),    # above: min(3.0, 1.2*2=2.4) = 2.4, constant -> grad 0
+        # A < 0: only the lower bound 1 - eps_low = 0.8 can bind.
+        (-2.0, 0.5, -1.6, 0.0),  # below: min(-1.0, 0.8*-2=-1.6) = -1.6, constant -> grad 0
+        (-2.0, 1.1, -2.2, -2.0),  # inside
+        (-2.0, 1.5, -3.0, -2.0),  # above: min(-3.0, -2.4) = -3.0, unclipped -> grad A
+    ],
+)
+def test_clipped_surrogate_value_and_gradient(adv, ratio, value, dvalue_dratio):
+    r = torch.tensor([[ratio]], requires_grad=True)
+    out = clipped_surrogate(r, torch.tensor([adv]), eps_low=0.2, eps_high=0.2)
+    out.sum().backward()
+    assert out.item() == pytest.approx(value)
+    assert r.grad.item() == pytest.approx(dvalue_dratio)
+
+
+def test_asymmetric_clip_bounds_act_independently():
+    a = torch.tensor([1.0, -1.0])
+    r = torch.tensor([[1.15], [0.75]], requires_grad=True)
+    # eps_high = 0.1 clips the A>0 token at 1.1; eps_low = 0.3 leaves the A<0 token (0.75 > 0.7) free.
+    out = clipped_surrogate(r, a, eps_low=0.3, eps_high=0.1)
+    out.sum().backward()
+    assert out.squeeze(1).tolist() == pytest.approx([1.1, -0.75])
+    assert r.grad.squeeze(1).tolist() == pytest.approx([0.0, -1.0])
+    # Swap: eps_high = 0.3 frees the A>0 token, eps_low = 0.1 clips the A<0 token at 0.9.
+    r.grad = None
+    out = clipped_surrogate(r, a, eps_low=0.1, eps_high=0.3)
+    out.sum().backward()
+    assert out.squeeze(1).tolist() == pytest.approx([1.15, -0.9])
+    assert r.grad.squeeze(1).tolist() == pytest.approx([1.0, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# k3
+# ---------------------------------------------------------------------------------------------
+def test_kl_k3_known_values_and_gradient():
+    logp = torch.tensor([LN(0.5), LN(0.25), LN(0.3)], requires_grad=True)
+    ref = torch.tensor([LN(0.25), LN(0.5), LN(0.3)])
+    k = kl_k3(logp, ref)
+    # d = ref - logp: [ln 0.5, ln 2, 0]; k3 = e^d - d - 1
+    assert k.tolist() == pytest.approx([0.5 + LN(2) - 1, 2 - LN(2) - 1, 0.0], abs=1e-6)
+    k.sum().backward()
+    assert logp.grad.tolist() == pytest.approx([1 - 0.5, 1 - 2.0, 0.0], abs=1e-6)  # 1 - exp(ref - logp)
+
+
+def test_kl_k3_nonnegative_and_zero_when_equal():
+    g = torch.Generator().manual_seed(0)
+    logp, ref = -5 * torch.rand(1000, generator=g), -5 * torch.rand(1000, generator=g)
+    assert (kl_k3(logp, ref) >= 0).all()
+    assert kl_k3(logp, logp).abs().max().item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregations and masking
+# ---------------------------------------------------------------------------------------------
+VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+
+@pytest.mark.parametrize("aggregation, max_len, expected", [
+    ("sequence", None, ((1 + 2) / 2 + 4 / 1) / 2),   # 2.75: mean of per-completion means
+    ("token", None, (1 + 2 + 4) / 3),               # 7/3: mean over all kept tokens
+    ("constant", None, (1 + 2 + 4) / (2 * 3)),      # 7/6: sum / (N * T)
+    ("constant", 4, (1 + 2 + 4) / (2 * 4)),         # 7/8: sum / (N * max_completion_length)
+])
+def test_aggregations_on_uneven_lengths(aggregation, max_len, expected):
+    assert masked_aggregate(VALUES, MASK, aggregation, max_len).item() == pytest.approx(expected)
+
+
+def test_unknown_aggregation_is_an_error():
+    with pytest.raises(ValueError, match="aggregation"):
+        masked_aggregate(VALUES, MASK, "mean")
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
+def test_masked_positions_change_nothing(aggregation):
+    def loss_and_grad(fill):
+        logp = torch.tensor([[-1.0, -2.0, fill], [-0.5, fill, fill]], requires_grad=True)
+        old = torch.tensor([[-1.1, -1.9, fill + 1], [-0.7, -fill, 3.0]])
+        ref = torch.tensor([[-1.3, -2.2, 5.0], [-0.4, 9.0, -fill]])
+        loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.5, -0.5]), MASK, beta=0.1, aggregation=aggregation)
+        loss.backward()
+        return loss.item(), logp.grad[MASK.bool()].tolist(), {k: v.item() for k, v in stats.items()}
+
+    base = loss_and_grad(-3.0)
+    assert loss_and_grad(-40.0) == base
+    assert loss_and_grad(0.0) == base
+
+
+# ---------------------------------------------------------------------------------------------
+# The full loss
+# ---------------------------------------------------------------------------------------------
+def test_grpo_loss_by_hand_with_kl():
+    logp = torch.tensor([[LN(0.5), LN(0.25)]], requires_grad=True)
+    old = torch.tensor([[LN(0.4), LN(0.25)]])
+    ref = torch.tensor([[LN(0.25), LN(0.5)]])
+    loss, stats = grpo_loss(logp, old, ref, torch.tensor([1.0]), torch.ones(1, 2), eps_low=0.2, eps_high=0.2, beta=0.1)
+    # ratio = [1.25, 1.0]; surrogate = [min(1.25, 1.2), 1.0] = [1.2, 1.0]
+    # k3 = [0.5 + ln2 - 1, 2 - ln2 - 1] (sums to 0.5); objective mean = (2.2 - 0.1*0.5) / 2 = 1.075
+    assert loss.item() == pytest.approx(-1.075, abs=1e-6)
+    loss.backward()
+    # token 0: clipped (A>0, rho>1.2) -> only KL: d obj = -beta*(1 - e^{ln .5}) = -0.05; loss grad +0.05/2
+    # token 1: rho=1 -> surrogate grad rho*A = 1; KL: -beta*(1 - 2) = +0.1; d obj = 1.1; loss grad -1.1/2
+    assert logp.grad.tolist()[0] == pytest.approx([0.025, -0.55], abs=1e-6)
+    assert stats["clip_high_frac"].item() == pytest.approx(0.5)
+    assert stats["clip_low_frac"].item() == 0.0
+    assert stats["ratio_mean"].item() == pytest.approx(1.125)
+    assert stats["kl_mean"].item() == pytest.approx(0.25, abs=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
+def test_mu1_loss_is_the_plain_policy_gradient(aggregation):
+    """With old_logp = logp.detach() the ratio is exactly 1, so the *value* of the loss is just
+    -aggregate(A): it says nothing about the policy. Learning still happens because the ratio's
+    gradient is rho * grad(logp) = grad(logp): the gradient is the REINFORCE-with-baseline policy
+    gradient -A_i * grad(logp_it), weighted by the aggregation. A flat loss curve is expected."""
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    logp = (-3 * torch.rand(3, 4, generator=g)).requires_grad_()
+    adv = torch.tensor([0.7, -1.2, 0.4])
+    loss, stats = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0, aggregation=aggregation)
+    loss.backward()
+    m = mask.float()
+    n, t = mask.shape
+    weight = {"sequence": m / (m.sum(1, keepdim=True) * n), "token": m / m.sum(), "constant": m / (n * t)}[aggregation]
+    expected_grad = -adv[:, None] * weight
+    assert torch.allclose(logp.grad, expected_grad, atol=1e-7)
+    assert loss.item() == pytest.approx(-(adv[:, None] * weight).sum().item(), abs=1e-7)
+    assert stats["ratio_mean"].item() == 1.0
+    assert stats["clip_low_frac"].item() == stats["clip_high_frac"].item() == 0.0
+
+
+def test_clip_fractions_count_only_masked_tokens_where_the_bound_binds():
+    # ratios: row 0 (A>0): 1.5 binds high, 0.5 does not bind (wrong side), 1.5 masked out
+    #         row 1 (A<0): 0.5 binds low, 1.5 does not bind, 0.5 masked out
+    ratio = torch.tensor([[1.5, 0.5, 1.5], [0.5, 1.5, 0.5]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    logp = torch.log(ratio)
+    _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.tensor([1.0, -1.0]), mask, beta=0.0)
+    assert stats["clip_high_frac"].item() == pytest.approx(1 / 4)
+    assert stats["clip_low_frac"].item() == pytest.approx(1 / 4)
+    # A = 0 never counts as clipped, whatever the ratio
+    _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.zeros(2), mask, beta=0.0)
+    assert stats["clip_high_frac"].item() == stats["clip_low_frac"].item() == 0.0
+
+
+def test_missing_reference_with_nonzero_beta_is_an_error():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="beta"):
+        grpo_loss(x, x, None, torch.zeros(1), torch.ones(1, 2), beta=0.04)
+
+
+def test_stage_presets_are_the_documented_values():
+    assert STAGE_PRESETS[2]["rewards"] == {"format": 1.0}
+    assert STAGE_PRESETS[3]["rewards"] == {"format": 1.0, "accuracy": 1.0}
+    assert (STAGE_PRESETS[3]["eps_low"], STAGE_PRESETS[3]["eps_high"]) == (0.2, 0.2)
+    assert STAGE_PRESETS[4]["rewards"] == STAGE_PRESETS[3]["rewards"]
+    assert (STAGE_PRESETS[4]["eps_low"], STAGE_PRESETS[4]["eps_high"]) == (0.2, 0.1)

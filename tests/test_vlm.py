@@ -1,0 +1,124 @@
+"""The tiny VLM and vlm.py: build/save/reload offline, sampling, masks, log-probs, checkpoints."""
+
+import pytest
+import torch
+
+import vlm
+from data import INSTRUCTION, load_image, read_emoset_split
+
+
+@pytest.fixture(scope="module")
+def images(toy_data):
+    records, _ = read_emoset_split(toy_data, "train", limit=3)
+    return [load_image(toy_data, r) for r in records]
+
+
+def test_tiny_model_reloads_with_auto_classes_offline_and_generates(tiny_model_dir, images, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (tiny_model_dir / "model.safetensors").is_file()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    processor.tokenizer.padding_side = "left"
+    rollout = vlm.sample_completions(model, processor, images[:2], group_size=2, max_new_tokens=8)
+    assert rollout.completion_ids.shape[0] == 4 and len(rollout.texts) == 4
+
+
+def test_chat_prompt_holds_one_image_and_ends_with_generation_prompt(tiny):
+    _, processor = tiny
+    text = vlm.chat_prompt(processor)
+    assert text.count("<image>") == 1 and INSTRUCTION in text and text.endswith("Assistant:")
+
+
+def test_completion_mask_ends_at_first_eos():
+    ids = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0], [9, 3, 2, 2]])
+    mask, truncated = vlm.completion_mask_from_ids(ids, eos_ids=[2, 3])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    assert truncated.tolist() == [False, True, False, False]
+
+
+def test_sampling_never_emits_blocked_tokens(tiny, images):
+    model, processor = tiny
+    torch.manual_seed(0)
+    rollout = vlm.sample_completions(model, processor, images, group_size=4, max_new_tokens=24, temperature=1.5)
+    blocked = torch.tensor(vlm.blocked_token_ids(model, processor))
+    assert processor.image_token_id in blocked.tolist()
+    kept = rollout.completion_ids[rollout.completion_mask.bool()]
+    assert not torch.isin(kept, blocked).any()
+    assert rollout.completion_ids.shape[0] == 12 and rollout.inputs["input_ids"].shape[0] == 12
+
+
+def test_logprobs_equal_log_softmax_of_raw_generation_logits(tiny, images):
+    model, processor = tiny
+    torch.manual_seed(1)
+    inputs = vlm.encode_prompts(processor, images[:2])
+    eos = vlm.eos_token_ids(model, processor)
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=True, top_k=0, return_dict_in_generate=True,
+                         output_logits=True, suppress_tokens=vlm.blocked_token_ids(model, processor),
+                         eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
+    completion = out.sequences[:, inputs["input_ids"].shape[1]:]
+    mask, _ = vlm.completion_mask_from_ids(completion, eos)
+    raw = torch.stack(out.logits, dim=1).float()
+    for temperature in (1.0, 0.7):
+        expected = torch.log_softmax(raw / temperature, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            got = vlm.completion_logprobs(model, inputs, completion, mask, temperature=temperature)
+        assert (got - expected)[mask.bool()].abs().max().item() < 1e-4
+
+
+def test_logprobs_same_alone_and_in_a_left_padded_batch(tiny, images):
+    """Other images, other prompt lengths, G > 1: each row keeps its own image and prompt."""
+    model, processor = tiny
+    prompts = [vlm.chat_prompt(processor), vlm.chat_prompt(processor, "Emotion?"), vlm.chat_prompt(processor, "Which emotion, in one word?")]
+    group = 2
+    torch.manual_seed(2)
+    rows_img = [img for img in images for _ in range(group)]
+    rows_prompt = [p for p in prompts for _ in range(group)]
+    batch = vlm.encode_prompts(processor, rows_img, rows_prompt)
+    assert (batch["attention_mask"] == 0).any()  # really left-padded
+    completion = torch.randint(10, 300, (len(rows_img), 9))
+    completion[0, 5] = vlm.eos_token_ids(model, processor)[0]
+    mask, _ = vlm.completion_mask_from_ids(completion, vlm.eos_token_ids(model, processor))
+    with torch.no_grad():
+        batched = vlm.completion_logprobs(model, batch, completion, mask, micro_batch=4)
+        for i in range(len(rows_img)):
+            alone_inputs = vlm.encode_prompts(processor, [rows_img[i]], [rows_prompt[i]])
+            alone = vlm.completion_logprobs(model, alone_inputs, completion[i:i + 1], mask[i:i + 1])
+            assert (alone - batched[i:i + 1])[mask[i:i + 1].bool()].abs().max().item() < 1e-4
+        # and the images matter: the same tokens under another row's image score differently
+        swapped = vlm.encode_prompts(processor, [rows_img[2]], [rows_prompt[0]])
+        other = vlm.completion_logprobs(model, swapped, completion[:1], mask[:1])
+        assert (other - batched[:1]).abs().max().item() > 1e-4
+
+
+def test_slice_inputs_handles_flattened_patches():
+    # Qwen2-VL style: pixel_values [sum of patches, D], image_grid_thw [N, 3]
+    inputs = {"input_ids": torch.zeros(3, 5), "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 4], [1, 2, 2]]),
+              "pixel_values": torch.arange(16).float().unsqueeze(1)}
+    part = vlm.slice_inputs(inputs, 1, 3)
+    assert part["pixel_values"].squeeze(1).tolist() == list(range(4, 16))
+    assert part["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
+
+
+def test_save_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    out = tmp_path / "ckpt"
+    vlm.save_checkpoint(model, processor, out, trainer_state={"step": 1})
+    assert torch.load(out / "trainer_state.pt")["step"] == 1
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(processor, "save_pretrained", crash)
+    with pytest.raises(OSError):
+        vlm.save_checkpoint(model, processor, out, trainer_state={"step": 2})
+    assert torch.load(out / "trainer_state.pt")["step"] == 1  # the old checkpoint survives whole
+    monkeypatch.undo()
+    vlm.save_checkpoint(model, processor, out, trainer_state={"step": 3})
+    assert torch.load(out / "trainer_state.pt")["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left
+    reloaded, _ = vlm.load_model(out)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))

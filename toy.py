@@ -1,0 +1,361 @@
+"""The embedded default: a toy EmoSet, a tiny offline VLM, and toy teachers.
+
+    python toy.py data OUT [--difficulty easy|demo|hard] [--seed 0]
+    python toy.py model OUT [--seed 0]
+
+Toy world. Each 64x64 image shows one *main* shape (circle, square or triangle) on a plain
+background, plus, in harder settings, smaller distractor shapes of other colours. The emotion is
+a fixed function of two visible attributes of the image: background brightness (bright scenes
+are positive, dark ones negative, as valence is in EmoSet) and the colour of the largest shape.
+The shape itself is decoration, so reasoning can mention it without it deciding anything.
+
+Toy teachers stand in for the 7B+ teacher VLMs of the paper: they *look at the pixels* (not at
+the annotation), describe what they see in their own words, and err at their own rates, so the
+COT builder's filtering and voting have real work to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data import EMOTIONS, INSTRUCTION, SPLITS, atomic_write_json, cot_target
+
+IMAGE_SIZE = 64
+COLORS = {"red": (220, 40, 40), "yellow": (225, 205, 35), "green": (40, 175, 60), "blue": (45, 85, 225)}
+SHAPES = ("circle", "square", "triangle")
+# (background, colour of the largest shape) -> emotion. Bright = positive valence, dark = negative.
+TOY_TABLE = {
+    ("bright", "red"): "excitement", ("bright", "yellow"): "amusement",
+    ("bright", "green"): "contentment", ("bright", "blue"): "awe",
+    ("dark", "red"): "anger", ("dark", "yellow"): "fear",
+    ("dark", "green"): "disgust", ("dark", "blue"): "sadness",
+}
+ATTRIBUTES_OF = {emotion: key for key, emotion in TOY_TABLE.items()}
+assert sorted(TOY_TABLE.values()) == sorted(EMOTIONS)
+
+# Difficulty knobs. `easy`: a big centred shape, clear background (a tiny model learns it in a few
+# hundred SFT steps). `demo`: position/size jitter, distractors, closer brightness ranges, colour
+# jitter and 5% label noise: room for the stages to differ. `hard`: more of all of it.
+DIFFICULTIES = {
+    "easy": dict(size=(18, 22), jitter=0, distractors=(0, 0), bright=(190, 240), dark=(15, 60),
+                 color_jitter=0, label_noise=0.0),
+    "demo": dict(size=(11, 20), jitter=14, distractors=(0, 2), bright=(135, 235), dark=(20, 115),
+                 color_jitter=30, label_noise=0.05),
+    "hard": dict(size=(8, 18), jitter=20, distractors=(1, 3), bright=(120, 235), dark=(20, 130),
+                 color_jitter=40, label_noise=0.10),
+}
+DEFAULT_SPLIT_SIZES = {"train": 2000, "val": 200, "test": 400}
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing the toy dataset
+# ---------------------------------------------------------------------------------------------
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif shape == "square":
+        s = r * 0.886  # same area as the circle of radius r
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=color)
+    else:  # an upward triangle, a bit larger so its area is not much below the others
+        s = r * 1.35
+        draw.polygon([(cx, cy - s), (cx - s, cy + s * 0.8), (cx + s, cy + s * 0.8)], fill=color)
+
+
+def _jittered(rgb, amount: int, rng: random.Random):
+    return tuple(int(np.clip(c + rng.randint(-amount, amount), 0, 255)) for c in rgb)
+
+
+def draw_toy_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict]:
+    """Draw one image; return it with the attributes that decide its emotion."""
+    background = rng.choice(("bright", "dark"))
+    color = rng.choice(tuple(COLORS))
+    shape = rng.choice(SHAPES)
+    level = rng.randint(*knobs[background])
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (level, level, level))
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(*knobs["size"])
+    c = IMAGE_SIZE / 2
+    cx = c + rng.uniform(-knobs["jitter"], knobs["jitter"])
+    cy = c + rng.uniform(-knobs["jitter"], knobs["jitter"])
+    distractors = []
+    for _ in range(rng.randint(*knobs["distractors"])):
+        # At most half the main radius (a quarter of its area), never the main colour, so
+        # "the colour covering most pixels" stays a well-defined rule.
+        d = dict(shape=rng.choice(SHAPES), color=rng.choice([k for k in COLORS if k != color]),
+                 size=round(r * rng.uniform(0.3, 0.5), 1),
+                 center=[round(rng.uniform(6, IMAGE_SIZE - 6), 1), round(rng.uniform(6, IMAGE_SIZE - 6), 1)])
+        _draw_shape(draw, d["shape"], *d["center"], d["size"], _jittered(COLORS[d["color"]], knobs["color_jitter"], rng))
+        distractors.append(d)
+    _draw_shape(draw, shape, cx, cy, r, _jittered(COLORS[color], knobs["color_jitter"], rng))  # on top
+    attrs = dict(background=background, background_level=level, color=color, shape=shape, size=round(r, 1),
+                 center=[round(cx, 1), round(cy, 1)], distractors=distractors)
+    return img, attrs
+
+
+def write_toy_dataset(out: str | Path, difficulty: str = "easy", seed: int = 0,
+                      sizes: dict | None = None) -> dict:
+    """Write a toy dataset in EmoSet's layout; deterministic for a given (difficulty, seed, sizes).
+
+    Label noise replaces a label by a random other one and is recorded in the annotation
+    (`toy.rule_emotion` keeps what the pixels say), the way real datasets carry some wrong labels.
+    """
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
+    knobs, sizes = DIFFICULTIES[difficulty], {**DEFAULT_SPLIT_SIZES, **(sizes or {})}
+    out = Path(out)
+    counter = 0
+    summary = {"difficulty": difficulty, "seed": seed, "splits": {}}
+    for split in SPLITS:
+        rng = random.Random(f"toy-emoset:{seed}:{difficulty}:{split}")  # string seeds are stable
+        entries, noisy = [], 0
+        for _ in range(sizes[split]):
+            img, attrs = draw_toy_example(rng, knobs)
+            rule_emotion = TOY_TABLE[(attrs["background"], attrs["color"])]
+            label = rule_emotion
+            if rng.random() < knobs["label_noise"]:
+                label = rng.choice([e for e in EMOTIONS if e != rule_emotion])
+                noisy += 1
+            counter += 1
+            image_id = f"{label}_{counter:05d}"
+            image_rel, ann_rel = f"image/{label}/{image_id}.png", f"annotation/{label}/{image_id}.json"
+            (out / image_rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / ann_rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(out / image_rel)
+            annotation = {"emotion": label, "image_id": image_id,
+                          "brightness": round(attrs["background_level"] / 255, 3),
+                          "object": [attrs["shape"]] + [d["shape"] for d in attrs["distractors"]],
+                          "scene": "toy", "toy": {**attrs, "rule_emotion": rule_emotion, "label_noise": label != rule_emotion}}
+            (out / ann_rel).write_text(json.dumps(annotation) + "\n")
+            entries.append([label, image_id, image_rel, ann_rel])
+        atomic_write_json(out / f"{split}.json", entries)
+        summary["splits"][split] = {"n": len(entries), "noisy_labels": noisy}
+    atomic_write_json(out / "toy_info.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Perception: what a toy teacher "sees" in the pixels
+# ---------------------------------------------------------------------------------------------
+def perceive(img: Image.Image) -> dict:
+    """Background brightness, the colour covering most pixels, and a guess of its shape.
+
+    Unsaturated pixels are background; saturated ones are assigned to the nearest colour
+    prototype and counted. The shape is guessed from how much of its bounding box the largest
+    colour fills (square ~1.0, circle ~0.79, triangle ~0.5)."""
+    a = np.asarray(img.convert("RGB"), dtype=np.int32)
+    saturation = a.max(-1) - a.min(-1)
+    is_object = saturation > 60
+    bg = a[~is_object].mean() if (~is_object).any() else 128.0
+    protos = np.array(list(COLORS.values()))
+    obj = a[is_object]
+    if len(obj) == 0:
+        return {"background": "bright" if bg >= 128 else "dark", "color": None, "shape": None}
+    nearest = ((obj[:, None, :] - protos[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(nearest, minlength=len(protos))
+    winner = int(counts.argmax())
+    # shape: fill ratio of the winning colour inside its bounding box
+    mask = np.zeros(a.shape[:2], dtype=bool)
+    mask[is_object] = nearest == winner
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / max(1, (np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+    return {"background": "bright" if bg >= 128 else "dark", "color": list(COLORS)[winner], "shape": shape}
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy teachers (see cot_builder.py for the interface they serve)
+# ---------------------------------------------------------------------------------------------
+BRIGHT_WORDS = {"bright": "bright", "light": "bright", "sunny": "bright", "dark": "dark", "dim": "dark", "gloomy": "dark"}
+STYLES = {
+    "describer": ("The background is {bg_word} and the largest object is a {color} {shape}. "
+                  "A {bg_word} scene with a dominant {color} object suggests {emotion}."),
+    "counter": ("I see a {color} {shape} covering most of the coloured pixels, set against a {bg_word} backdrop. "
+                "{valence} mood from the {bg_word} tone, and {color} points to {emotion}."),
+    "terse": "{bg_word} background, {color} {shape}. So {emotion}.",
+}
+BG_WORDS = {"describer": ("bright", "dark"), "counter": ("light", "dim"), "terse": ("sunny", "gloomy")}
+
+
+def reasoning_for(style: str, background: str, color: str, shape: str | None, emotion: str) -> str:
+    bg_word = BG_WORDS[style][0 if background == "bright" else 1]
+    valence = "Positive" if background == "bright" else "Negative"
+    return STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion, valence=valence)
+
+
+def attributes_from_text(text: str) -> tuple[str | None, str | None]:
+    """Read (background, colour) back from any teacher's reasoning text (first mention wins)."""
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    background = next((BRIGHT_WORDS[w] for w in words if w in BRIGHT_WORDS), None)
+    color = next((w for w in words if w in COLORS), None)
+    return background, color
+
+
+class ToyTeacher:
+    """A pixel-reading stand-in for a 7B+ teacher VLM.
+
+    `error_rate`: chance of misperceiving one attribute (hence a wrong, but self-consistent,
+    answer); `malformed_rate`: chance of a reply without the required tags. Errors are a
+    deterministic function of (teacher, image id, call kind) so reruns and resumes agree."""
+
+    def __init__(self, name: str, style: str | None = None, error_rate: float | None = None,
+                 malformed_rate: float = 0.02, seed: int = 0):
+        presets = {"describer": 0.10, "counter": 0.20, "terse": 0.35}
+        self.name = f"toy:{name}"
+        self.style = style or (name if name in STYLES else "describer")
+        self.error_rate = presets.get(name, 0.2) if error_rate is None else error_rate
+        self.malformed_rate = malformed_rate
+        self.seed = seed
+
+    def _rng(self, key: str) -> random.Random:
+        return random.Random(zlib.crc32(f"{self.name}:{self.seed}:{key}".encode()))
+
+    def _maybe_err(self, rng: random.Random, background: str, color: str | None):
+        if rng.random() < self.error_rate:
+            if rng.random() < 0.5:
+                background = "dark" if background == "bright" else "bright"
+            else:
+                color = rng.choice([c for c in COLORS if c != color])
+        return background, color
+
+    def blind(self, items: list[tuple[str, Image.Image]]) -> list[str]:
+        """COT answers for (id, image) pairs, without seeing the labels."""
+        replies = []
+        for image_id, img in items:
+            rng = self._rng(f"blind:{image_id}")
+            seen = perceive(img)
+            background, color = self._maybe_err(rng, seen["background"], seen["color"] or rng.choice(list(COLORS)))
+            emotion = TOY_TABLE[(background, color)]
+            think = reasoning_for(self.style, background, color, seen["shape"], emotion)
+            if rng.random() < self.malformed_rate:
+                replies.append(f"{think} Answer: {emotion}")  # forgot the tags
+            else:
+                replies.append(cot_target(think, emotion))
+        return replies
+
+    def from_reasoning(self, items: list[tuple[str, str]]) -> list[str]:
+        """Text only: name the emotion that (id, reasoning) pairs lead to."""
+        replies = []
+        for key, think in items:
+            rng = self._rng(f"check:{key}")
+            background, color = attributes_from_text(think)
+            if background is None or color is None:
+                replies.append("<answer>unclear</answer>")
+                continue
+            background, color = self._maybe_err(rng, background, color)
+            replies.append(f"<answer>{TOY_TABLE[(background, color)]}</answer>")
+        return replies
+
+    def hinted(self, items: list[tuple[str, Image.Image, str]]) -> list[str]:
+        """Told the label, produce reasoning that leads to it (rationalisation)."""
+        replies = []
+        for image_id, img, label in items:
+            seen = perceive(img)
+            background, color = ATTRIBUTES_OF[label]
+            replies.append(cot_target(reasoning_for(self.style, background, color, seen["shape"], label), label))
+        return replies
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny VLM: Idefics3 (SmolVLM's architecture) with its own byte-level BPE tokenizer
+# ---------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = (["<pad>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"]
+                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])  # Idefics3Processor looks these up
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ordinary (generatable) tokens
+# SmolVLM-style chat template: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>Assistant:{% endif %}"
+)
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512)
+TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=IMAGE_SIZE, patch_size=8)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the prompt, labels and every teacher phrasing."""
+    corpus = [INSTRUCTION, "User:", "Assistant:"]
+    for (background, color), emotion in TOY_TABLE.items():
+        for style in STYLES:
+            for shape in SHAPES:
+                corpus.append(cot_target(reasoning_for(style, background, color, shape, emotion), emotion))
+        corpus.append(f"<answer>{emotion}</answer>")
+    return corpus * 4
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # Byte-level BPE: the 256-byte alphabet means any text still encodes, only less compactly.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                   pad_token="<pad>", padding_side="left")
+    fast.add_tokens(TAG_TOKENS)
+    return fast
+
+
+def build_tiny_vlm(out: str | Path, seed: int = 0) -> dict:
+    """Build, randomly initialise and save the tiny Idefics3 VLM + processor (no downloads)."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = build_tiny_tokenizer()
+    # No image splitting: one 64 px frame -> (64/8)^2 = 64 patches -> /scale_factor^2 = 16 tokens.
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
+                                                max_image_size={"longest_edge": IMAGE_SIZE})
+    image_seq_len = (IMAGE_SIZE // TINY_VISION["patch_size"]) ** 2 // 4
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Idefics3Config(
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), tie_word_embeddings=True, **TINY_TEXT, **ids),
+        vision_config=TINY_VISION, scale_factor=2, image_token_id=processor.image_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.update(**ids)
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"path": str(out), "parameters": n_params, "vocab_size": len(tokenizer), "image_tokens": image_seq_len}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="write a toy dataset in EmoSet layout")
+    d.add_argument("out", help="output folder (EmoSet layout: train.json, val.json, test.json, image/, annotation/)")
+    d.add_argument("--difficulty", default="easy", choices=list(DIFFICULTIES), help="how hard the images are")
+    d.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    for split, n in DEFAULT_SPLIT_SIZES.items():
+        d.add_argument(f"--n-{split}", type=int, default=n, help=f"number of {split} images")
+    m = sub.add_parser("model", help="build the tiny Idefics3 VLM offline")
+    m.add_argument("out", help="output folder (save_pretrained layout, safetensors)")
+    m.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    args = p.parse_args(argv)
+    if args.cmd == "data":
+        sizes = {s: getattr(args, f"n_{s}") for s in SPLITS}
+        print(json.dumps(write_toy_dataset(args.out, args.difficulty, args.seed, sizes)))
+    else:
+        print(json.dumps(build_tiny_vlm(args.out, args.seed)))
+
+
+if __name__ == "__main__":
+    main()
