@@ -215,3 +215,53 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+class EpochSampler:
+    """Index batches that walk a seeded random permutation, epoch after epoch.
+
+    Its whole state (permutation, cursor, epoch) is a small dict, saved with each checkpoint so a
+    resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise ValueError("EpochSampler: the dataset is empty")
+        self.n, self.seed, self.epoch, self.cursor = n, seed, 0, 0
+        self.order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        import random
+
+        order = list(range(self.n))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, size: int) -> list[int]:
+        batch = []
+        while len(batch) < size:
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._permutation()
+            take = min(size - len(batch), self.n - self.cursor)
+            batch += self.order[self.cursor:self.cursor + take]
+            self.cursor += take
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"cannot resume: the checkpoint saw {state['n']} training records, now there are {self.n}")
+        self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
+        self.order = self._permutation()
+
+
+def truncate_jsonl_after_step(path: str | os.PathLike, step: int) -> None:
+    """On resume: drop log lines of steps after the checkpoint (they will be redone), atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    repair_jsonl_tail(path)
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))

@@ -35,9 +35,10 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
     batched generation appends new tokens on the right, so prompts must end at the same column.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
 
-    if not Path(path, "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json); build one with `python toy.py model {path}`")
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     processor.tokenizer.padding_side = "left"
@@ -46,6 +47,29 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is useless (and wasteful) in a checkpointed forward
     return model, processor
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A model folder, or a training run folder whose `checkpoint/` holds the model."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: not a model folder (no config.json, nor checkpoint/config.json); "
+                            f"build the tiny one with `python toy.py model {path}`")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only attended tokens (as generate() does), so padding is invisible."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def uses_mrope(model) -> bool:
+    """Qwen2-VL-style multimodal RoPE computes its own 3-D positions from the image grid."""
+    text_config = getattr(model.config, "text_config", model.config)
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    return "mrope_section" in rope
 
 
 def vision_parameters(model) -> list[torch.nn.Parameter]:
@@ -182,12 +206,6 @@ def slice_inputs(inputs: dict, start: int, end: int) -> dict:
     return out
 
 
-def _uses_mrope(model) -> bool:
-    text_config = getattr(model.config, "text_config", model.config)
-    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-    return "mrope_section" in rope
-
-
 def _forward_completion_logits(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor):
     """Logits that predict each completion token: [N, T, V]."""
     n, t = completion_ids.shape
@@ -199,10 +217,8 @@ def _forward_completion_logits(model, inputs: dict, completion_ids: torch.Tensor
     for key, value in inputs.items():
         if key not in ("input_ids", "attention_mask") and torch.is_tensor(value) and value.shape[:2] == (n, prompt_len):
             batch[key] = torch.cat([value, value.new_zeros(n, t)], dim=1)
-    if not _uses_mrope(model):
-        # Same positions as generate(): count only attended tokens, so left padding is invisible.
-        pos = batch["attention_mask"].long().cumsum(-1) - 1
-        batch["position_ids"] = pos.masked_fill(batch["attention_mask"] == 0, 0)
+    if not uses_mrope(model):
+        batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     # Only the last T+1 positions' logits are needed; position P-1+j predicts completion token j.
     logits = model(**batch, use_cache=False, logits_to_keep=t + 1).logits
     return logits[:, :-1, :]

@@ -1,0 +1,200 @@
+"""Evaluation: greedy answers on an EmoSet-layout split, metrics, one comparison table.
+
+    python eval.py --model runs/demo/baseline --model runs/demo/stage1 ... --data ROOT --split test
+
+Writes to --out: results.json, results.md (the table), predictions_<name>.jsonl (every
+completion) and confusion_<name>.png per checkpoint. The metric functions are pure: predictions
+and labels in, numbers out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data import EMOTIONS, atomic_write_json, atomic_write_text, load_image, read_emoset_split, valence
+from rewards import format_reward, normalize_emotion, parse_answer
+
+INVALID = "invalid"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure metrics
+# ---------------------------------------------------------------------------------------------
+def confusion_matrix(preds: list[str | None], labels: list[str]) -> list[list[int]]:
+    """8 x 9 counts: rows = true label (EMOTIONS order), columns = prediction + 'invalid'."""
+    cols = list(EMOTIONS) + [INVALID]
+    matrix = [[0] * len(cols) for _ in EMOTIONS]
+    for pred, label in zip(preds, labels):
+        matrix[EMOTIONS.index(label)][cols.index(pred if pred in EMOTIONS else INVALID)] += 1
+    return matrix
+
+
+def classification_metrics(preds: list[str | None], labels: list[str], formats: list[float] | None = None) -> dict:
+    """Accuracy, per-class recall, UAR (macro recall), macro F1, valence accuracy, rates.
+
+    A prediction of None (no parseable label) counts as wrong everywhere. Classes absent from
+    `labels` have recall None and are left out of the macro averages (no 0/0 NaN); a class
+    that is never predicted has precision 0."""
+    if len(preds) != len(labels) or not labels:
+        raise ValueError(f"classification_metrics: {len(preds)} predictions for {len(labels)} labels")
+    n = len(labels)
+    cm = confusion_matrix(preds, labels)
+    recall, f1 = {}, {}
+    for i, c in enumerate(EMOTIONS):
+        support, tp = sum(cm[i]), cm[i][i]
+        predicted = sum(row[i] for row in cm)
+        if support == 0:
+            recall[c] = None
+            continue
+        recall[c] = tp / support
+        precision = tp / predicted if predicted else 0.0
+        f1[c] = 2 * precision * recall[c] / (precision + recall[c]) if precision + recall[c] else 0.0
+    present = [c for c in EMOTIONS if recall[c] is not None]
+    valence_hits = sum(p in EMOTIONS and valence(p) == valence(y) for p, y in zip(preds, labels))
+    return {
+        "n": n,
+        "accuracy": sum(p == y for p, y in zip(preds, labels)) / n,
+        "uar": sum(recall[c] for c in present) / len(present),
+        "macro_f1": sum(f1[c] for c in present) / len(present),
+        "valence_accuracy": valence_hits / n,
+        "format_rate": (sum(formats) / n) if formats is not None else None,
+        "invalid_rate": sum(p not in EMOTIONS for p in preds) / n,
+        "per_class_recall": recall,
+        "confusion": cm,
+    }
+
+
+def prediction_of(completion: str) -> dict:
+    """What eval reads from one completion: the parsed answer, the label it names, its format."""
+    answer = parse_answer(completion)
+    return {"answer": answer, "pred": normalize_emotion(answer), "format": format_reward(completion)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model, processor, root, records: list[dict], batch_size: int = 32, max_new_tokens: int = 96,
+            progress: bool = True) -> list[dict]:
+    """Greedy completions for records, batched. One dict per record (id, label, completion, ...)."""
+    import vlm
+
+    out = []
+    for s in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress, leave=False):
+        chunk = records[s:s + batch_size]
+        images = [load_image(root, r) for r in chunk]
+        rollout = vlm.sample_completions(model, processor, images, group_size=1, max_new_tokens=max_new_tokens,
+                                         do_sample=False)
+        for r, text, cut in zip(chunk, rollout.texts, rollout.truncated.tolist()):
+            out.append({"id": r["id"], "label": r["label"], "completion": text, "truncated": cut, **prediction_of(text)})
+    return out
+
+
+def evaluate(model, processor, root, records, batch_size=32, max_new_tokens=96, progress=True):
+    """(metrics, predictions) of a model on records."""
+    predictions = predict(model, processor, root, records, batch_size, max_new_tokens, progress)
+    metrics = classification_metrics([p["pred"] for p in predictions], [p["label"] for p in predictions],
+                                     [p["format"] for p in predictions])
+    return metrics, predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and pictures
+# ---------------------------------------------------------------------------------------------
+COLUMNS = [("accuracy", "Acc"), ("uar", "UAR"), ("macro_f1", "F1"), ("valence_accuracy", "Valence"),
+           ("format_rate", "Format"), ("invalid_rate", "Invalid")]
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """One row per checkpoint: the headline metrics, then per-class recall (all in %)."""
+    head = ["model"] + [h for _, h in COLUMNS] + [c[:5] for c in EMOTIONS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in results.items():
+        cells = [name] + [_pct(m[k]) for k, _ in COLUMNS] + [_pct(m["per_class_recall"][c]) for c in EMOTIONS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CELL, MARGIN = 40, 90
+
+
+def confusion_png(matrix: list[list[int]], path: str | os.PathLike, title: str = "") -> Image.Image:
+    """Heatmap of the 8 x 9 confusion matrix (row-normalised shading, raw counts written in)."""
+    rows, cols = len(matrix), len(matrix[0])
+    img = Image.new("RGB", (MARGIN + cols * CELL + 10, MARGIN + rows * CELL + 10), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((5, 5), title[:60], fill="black")
+    col_names = list(EMOTIONS) + [INVALID]
+    for j, name in enumerate(col_names):
+        draw.text((MARGIN + j * CELL + 2, MARGIN - 14 - 10 * (j % 2)), name[:6], fill="black")
+    for i, row in enumerate(matrix):
+        draw.text((5, MARGIN + i * CELL + CELL // 2 - 5), EMOTIONS[i][:11], fill="black")
+        total = max(1, sum(row))
+        for j, count in enumerate(row):
+            shade = int(255 * (1 - count / total))
+            x0, y0 = MARGIN + j * CELL, MARGIN + i * CELL
+            draw.rectangle([x0, y0, x0 + CELL - 1, y0 + CELL - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
+            draw.text((x0 + 4, y0 + CELL // 2 - 5), str(count), fill="black" if shade > 110 else "white")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Evaluate checkpoints on an EmoSet-layout split and compare them.")
+    p.add_argument("--model", action="append", required=True, help="model folder or run folder; repeat to compare")
+    p.add_argument("--name", action="append", help="row name per --model (default: the folder name)")
+    p.add_argument("--data", required=True, help="EmoSet-layout data root")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
+    p.add_argument("--out", default="runs/eval", help="output folder for tables, predictions and pictures")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    args = p.parse_args(argv)
+    import vlm
+
+    names = args.name or [Path(m).name for m in args.model]
+    if len(names) != len(args.model) or len(set(names)) != len(names):
+        p.error("--name must be given once per --model, and names must be distinct")
+    records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing, limit=args.limit)
+    if report["skipped_missing"]:
+        print(f"skipped {report['skipped_missing']} entries with missing images: {report['skipped_ids']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, path in zip(names, args.model):
+        model, processor = vlm.load_model(path, args.dtype, args.device)
+        start = time.perf_counter()
+        metrics, predictions = evaluate(model, processor, args.data, records, args.batch_size, args.max_new_tokens)
+        metrics["seconds"] = round(time.perf_counter() - start, 2)
+        metrics["model"] = str(path)
+        results[name] = metrics
+        atomic_write_text(out / f"predictions_{name}.jsonl", "".join(json.dumps(x) + "\n" for x in predictions))
+        confusion_png(metrics["confusion"], out / f"confusion_{name}.png", f"{name} ({args.split}, n={len(records)})")
+        print(f"{name}: accuracy {metrics['accuracy']:.3f}, UAR {metrics['uar']:.3f} ({metrics['seconds']} s)")
+    table = markdown_table(results)
+    atomic_write_json(out / "results.json", {"split": args.split, "n": len(records), "results": results})
+    atomic_write_text(out / "results.md", table)
+    print(f"\n{args.split} split, n = {len(records)} (all numbers in %)\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Stage 1 SFT on COT records, and the paper's baseline SFT on plain labels.
+
+    python sft.py --mode cot   --model INIT --data ROOT --cot cot.jsonl --out runs/stage1
+    python sft.py --mode label --model INIT --data ROOT --out runs/baseline
+
+The target is the assistant's reply: `<think>..</think><answer>..</answer>` (cot) or
+`<answer>label</answer>` (label), followed by the chat template's end-of-turn token. The loss is
+the mean next-token cross-entropy over those target tokens only; prompt, image and padding
+tokens are labelled -100 (ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import vlm
+from data import (EpochSampler, append_jsonl, atomic_write_json, cot_target, label_target, load_image,
+                  read_emoset_split, read_jsonl, truncate_jsonl_after_step)
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: [pad][prompt incl. image tokens][target + end-of-turn], labels only on the target
+# ---------------------------------------------------------------------------------------------
+def assistant_suffix(processor, target: str) -> str:
+    """The text the assistant must produce after the generation prompt: the target as the chat
+    template renders it, cut right after the end-of-turn token (what follows it, e.g. a newline,
+    is never generated, so it is never trained)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(messages + [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
+                                         tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template's assistant turn does not extend its generation prompt")
+    suffix = full[len(prompt):]
+    eos = processor.tokenizer.eos_token
+    cut = suffix.find(eos, suffix.find(target) + len(target))
+    return suffix[:cut + len(eos)] if cut >= 0 else suffix + eos
+
+
+def build_sft_batch(processor, images: list, targets: list[str], padding_side: str = "left") -> dict:
+    """Model inputs with `labels`: -100 on padding, prompt and image tokens; the target's ids
+    (including its end-of-turn token) on the assistant's tokens.
+
+    Targets are tokenised on their own and appended after the prompt's tokens, exactly the
+    token boundary that generation sees. Left padding (default) puts every target at the end of
+    its row, so only the last (longest target + 1) positions need logits."""
+    prompt = vlm.chat_prompt(processor)
+    enc = processor(images=[[img] for img in images], text=[prompt] * len(images), return_tensors="pt", padding=True)
+    tok = processor.tokenizer
+    rows = []
+    for i, target in enumerate(targets):
+        prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+        target_ids = torch.tensor(tok(assistant_suffix(processor, target), add_special_tokens=False)["input_ids"])
+        rows.append((torch.cat([prompt_ids, target_ids]), torch.cat([torch.full_like(prompt_ids, IGNORE), target_ids])))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), tok.pad_token_id)
+    labels = torch.full((len(rows), length), IGNORE)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        sl = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+        input_ids[i, sl], labels[i, sl], attention[i, sl] = ids, lab, 1
+    batch = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    batch.update(input_ids=input_ids, attention_mask=attention, labels=labels)
+    return batch
+
+
+def sft_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens: -(1/|T|) sum_{t in T} log p(y_t | y_<t, image)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if not vlm.uses_mrope(model):
+        inputs["position_ids"] = vlm.position_ids_from_mask(inputs["attention_mask"])
+    # Logits only where a target can be: the span from the first labelled column - 1 to the end.
+    first = int((labels != IGNORE).float().argmax(dim=1).min())
+    keep = labels.shape[1] - first + 1
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1]
+    targets = labels[:, -(keep - 1):] if keep > 1 else labels[:, :0]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warm-up from 0 over `warmup` steps, then cosine decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def load_examples(args) -> list[dict]:
+    """Records with their training target: COT records from --cot, or labels from --data."""
+    if args.mode == "cot":
+        examples = []
+        for i, r in enumerate(read_jsonl(args.cot)):
+            missing = {"id", "image", "label", "think", "answer"} - set(r)
+            if missing:
+                raise ValueError(f"{args.cot} record {i + 1} ({r.get('id')}): missing fields {sorted(missing)}")
+            examples.append({**r, "target": cot_target(r["think"], r["answer"])})
+    else:
+        records, report = read_emoset_split(args.data, "train", skip_missing=args.skip_missing, limit=args.limit)
+        if report["skipped_missing"]:
+            print(f"skipped {report['skipped_missing']} train entries with missing images")
+        examples = [{**r, "target": label_target(r["label"])} for r in records]
+    if args.limit:
+        examples = examples[:args.limit]
+    if not examples:
+        raise ValueError("no training examples")
+    return examples
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Stage 1 SFT (COT records) or the plain-label baseline.")
+    p.add_argument("--mode", required=True, choices=["cot", "label"], help="cot: train on COT JSONL; label: <answer>label</answer>")
+    p.add_argument("--model", required=True, help="initial model folder (e.g. the tiny VLM from toy.py)")
+    p.add_argument("--data", required=True, help="EmoSet-layout data root (images; labels in --mode label)")
+    p.add_argument("--cot", help="COT records JSONL from cot_builder.py (--mode cot)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint/, metrics.jsonl, run_config.json")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3 for the tiny model; ~1e-5 for 1-2B)")
+    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--seed", type=int, default=0, help="seed for init-free randomness and data order")
+    p.add_argument("--limit", type=int, help="use only the first N training examples")
+    p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
+    p.add_argument("--eval-every", type=int, default=100, help="validation accuracy every N steps (0: never)")
+    p.add_argument("--eval-limit", type=int, default=200, help="validation records per evaluation")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, scheduler, RNG, data order)")
+    p.add_argument("--stop-after", type=int, help="save and stop after N steps of this invocation (split a run; --resume continues)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=list(vlm.DTYPES), help="weights dtype (keep float32 with --bf16 autocast)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="generation length in validation")
+    args = p.parse_args(argv)
+    if args.mode == "cot" and not args.cot:
+        p.error("--mode cot needs --cot FILE.jsonl")
+    return args
+
+
+def main(argv=None) -> dict:
+    import eval as evaluation
+
+    args = parse_args(argv)
+    out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
+    resume = args.resume and (ckpt / "trainer_state.pt").is_file()
+    seed_everything(args.seed)
+    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing)
+    device = next(model.parameters()).device
+    if args.freeze_vision:
+        for prm in vlm.vision_parameters(model):
+            prm.requires_grad_(False)
+    examples = load_examples(args)
+    val, _ = read_emoset_split(args.data, "val", skip_missing=True, limit=args.eval_limit)
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
+    sampler = EpochSampler(len(examples), args.seed)
+    step = 0
+    if resume:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        truncate_jsonl_after_step(out / "metrics.jsonl", step)
+        print(f"resumed from {ckpt} at step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**vars(args), "examples": len(examples), "device": str(device)}
+    atomic_write_json(out / "run_config.json", config)
+    print(json.dumps(config))
+
+    def save():
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sampler": sampler.state_dict(), "rng": rng_state()}
+        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"train_config.json": config})
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc=f"sft-{args.mode}")
+    last = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
+    while step < last:
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(args.grad_accum):
+            chunk = [examples[i] for i in sampler.next_batch(args.batch_size)]
+            batch = build_sft_batch(processor, [load_image(args.data, r) for r in chunk], [r["target"] for r in chunk])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                loss = sft_loss(model, batch) / args.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        record = {"step": step, "loss": loss_sum.item(), "grad_norm": grad_norm.item(),
+                  "lr": scheduler.get_last_lr()[0], "step_s": round(time.perf_counter() - t0, 4)}
+        if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
+            raise RuntimeError(f"step {step}: non-finite loss/grad norm {record}; last good checkpoint kept in {ckpt}")
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=args.max_new_tokens, progress=False)
+            record.update(val_accuracy=metrics["accuracy"], val_format_rate=metrics["format_rate"])
+            model.train()
+        append_jsonl(out / "metrics.jsonl", record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_acc": f"{record['val_accuracy']:.2f}"} if "val_accuracy" in record else {}))
+        bar.update(1)
+        if step % args.save_every == 0 or step == last:
+            save()
+    bar.close()
+    if not (ckpt / "config.json").is_file():
+        save()
+    return {"out": str(out), "step": step}
+
+
+if __name__ == "__main__":
+    main()

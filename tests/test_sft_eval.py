@@ -1,0 +1,157 @@
+"""sft.py (label masks, learning, resume) and eval.py (pure metrics, the confusion picture)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import eval as evaluation
+import sft
+import toy
+import vlm
+from data import EMOTIONS, load_image, read_emoset_split
+
+
+# ---------------------------------------------------------------------------------------------
+# Label masks
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("targets", [
+    ["<answer>awe</answer>", "<answer>contentment</answer>", "<answer>fear</answer>"],
+    ["<think>The background is dark and the largest object is a blue circle.</think><answer>sadness</answer>",
+     "<think>short</think><answer>awe</answer>", "<think>x</think><answer>anger</answer>"],
+])
+def test_sft_labels_cover_exactly_the_assistant_tokens(tiny, toy_data, padding_side, targets):
+    _, processor = tiny
+    tok = processor.tokenizer
+    records, _ = read_emoset_split(toy_data, "train", limit=3)
+    batch = sft.build_sft_batch(processor, [load_image(toy_data, r) for r in records], targets, padding_side)
+    eos = tok.eos_token_id
+    for i, target in enumerate(targets):
+        ids, labels, attn = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
+        expected = tok(target, add_special_tokens=False)["input_ids"] + [eos]
+        kept = labels[labels != sft.IGNORE].tolist()
+        assert kept == expected                                      # the target and its end-of-turn token
+        assert tok.decode(kept, skip_special_tokens=True) == target
+        assert (labels[attn == 0] == sft.IGNORE).all()               # padding
+        assert (labels[ids == processor.image_token_id] == sft.IGNORE).all()  # image tokens
+        lab_pos = (labels != sft.IGNORE).nonzero().squeeze(1)
+        assert torch.equal(ids[lab_pos], labels[lab_pos])            # labels are the tokens themselves
+        assert lab_pos.tolist() == list(range(lab_pos[0], lab_pos[0] + len(expected)))  # one contiguous span
+        prompt_part = ids[attn.bool()][: -len(expected)]
+        assert tok.decode(prompt_part).endswith("Assistant:")        # everything before it is the prompt
+        if padding_side == "left":
+            assert lab_pos[-1] == len(ids) - 1
+        else:
+            assert attn[lab_pos[-1] + 1:].sum() == 0
+
+
+def test_sft_loss_is_target_cross_entropy(tiny, toy_data):
+    model, processor = tiny
+    records, _ = read_emoset_split(toy_data, "train", limit=2)
+    batch = sft.build_sft_batch(processor, [load_image(toy_data, r) for r in records], ["<answer>awe</answer>", "<answer>fear</answer>"])
+    with torch.no_grad():
+        loss = sft.sft_loss(model, batch)
+        # reference: full logits, shift by one, mean CE over labelled positions
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs["position_ids"] = vlm.position_ids_from_mask(inputs["attention_mask"])
+        logits = model(**inputs).logits[:, :-1]
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_warmup_cosine_schedule():
+    assert sft.warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert sft.warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert sft.warmup_cosine(60, 10, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert sft.warmup_cosine(110, 10, 110) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning and resuming
+# ---------------------------------------------------------------------------------------------
+def test_label_sft_learns_the_easy_toy(tmp_path, tiny_model_dir):
+    data = tmp_path / "easy"
+    toy.write_toy_dataset(data, "easy", seed=1, sizes={"train": 256, "val": 16, "test": 48})
+    test, _ = read_emoset_split(data, "test")
+    model, processor = vlm.load_model(tiny_model_dir)
+    before, _ = evaluation.evaluate(model, processor, data, test, progress=False)
+    sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+              "--steps", "60", "--eval-every", "0", "--save-every", "60"])
+    model, processor = vlm.load_model(tmp_path / "run")
+    after, _ = evaluation.evaluate(model, processor, data, test, progress=False)
+    assert before["accuracy"] < 0.3          # chance is 1/8; the random model rarely even answers
+    assert after["accuracy"] >= 0.9
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 61)) and lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, toy_data):
+    torch.set_num_threads(1)
+    cot = tmp_path / "cot.jsonl"
+    records, _ = read_emoset_split(toy_data, "train")
+    with open(cot, "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, "think": "The background is bright.", "answer": r["label"]}) + "\n")
+    common = ["--mode", "cot", "--cot", str(cot), "--model", str(tiny_model_dir), "--data", str(toy_data),
+              "--steps", "6", "--batch-size", "4", "--grad-accum", "2", "--warmup", "2", "--eval-every", "0", "--save-every", "100"]
+    sft.main(common + ["--out", str(tmp_path / "full")])
+    sft.main(common + ["--out", str(tmp_path / "split"), "--stop-after", "3"])
+    state = torch.load(tmp_path / "split" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3
+    sft.main(common + ["--out", str(tmp_path / "split"), "--resume"])
+    full, _ = vlm.load_model(tmp_path / "full")
+    split, _ = vlm.load_model(tmp_path / "split")
+    for (name, a), b in zip(full.state_dict().items(), split.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on crafted predictions
+# ---------------------------------------------------------------------------------------------
+def test_metrics_by_hand():
+    labels = ["anger", "anger", "anger", "awe", "awe", "fear"]
+    preds = ["anger", "anger", "fear", "awe", None, "sadness"]
+    m = evaluation.classification_metrics(preds, labels, formats=[1, 1, 0, 1, 0, 1])
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["per_class_recall"]["anger"] == pytest.approx(2 / 3)
+    assert m["per_class_recall"]["awe"] == pytest.approx(1 / 2)
+    assert m["per_class_recall"]["fear"] == 0.0
+    assert m["per_class_recall"]["amusement"] is None              # absent class: no NaN
+    assert m["uar"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)       # over the 3 present classes
+    # F1: anger P=2/2 R=2/3 -> 0.8; awe P=1 R=1/2 -> 2/3; fear P=0/1 R=0 -> 0
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0) / 3)
+    # valence: anger->anger ok, anger->anger ok, anger->fear ok (both negative), awe ok, None wrong, fear->sadness ok
+    assert m["valence_accuracy"] == pytest.approx(5 / 6)
+    assert m["format_rate"] == pytest.approx(4 / 6)
+    assert m["invalid_rate"] == pytest.approx(1 / 6)
+    cm = m["confusion"]
+    assert cm[EMOTIONS.index("anger")][EMOTIONS.index("fear")] == 1
+    assert cm[EMOTIONS.index("awe")][8] == 1                          # the 'invalid' column
+    assert sum(map(sum, cm)) == 6
+
+
+def test_metrics_errors_and_prediction_parsing():
+    with pytest.raises(ValueError):
+        evaluation.classification_metrics(["awe"], ["awe", "fear"])
+    p = evaluation.prediction_of("<think>dark, blue</think><answer>Sad</answer>")
+    assert p == {"answer": "Sad", "pred": "sadness", "format": 1.0}
+
+
+def test_confusion_png_has_one_cell_per_class_pair(tmp_path):
+    matrix = [[0] * 9 for _ in EMOTIONS]
+    for i in range(8):
+        matrix[i][i] = 10
+        matrix[i][8] = 0
+    matrix[0][8] = 10  # half of row 0 is invalid
+    evaluation.confusion_png(matrix, tmp_path / "cm.png", "t")
+    img = Image.open(tmp_path / "cm.png").convert("RGB")
+    c, m = evaluation.CELL, evaluation.MARGIN
+    assert img.size == (m + 9 * c + 10, m + 8 * c + 10)
+    corner = lambda i, j: img.getpixel((m + j * c + 2, m + i * c + 2))  # noqa: E731 (a cell's shade, away from its text)
+    assert corner(1, 1)[0] == 0                # full row on the diagonal: darkest
+    assert corner(1, 2)[0] == 255              # empty cell: white
+    assert corner(0, 0)[0] == corner(0, 8)[0] == 127  # 10 of 20: half shade
