@@ -16,7 +16,17 @@ it was when sampling) and score each with a reward r_i. Per completion token t:
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
 import torch
+from tqdm import tqdm
+
+import vlm
 
 # =============================================================================================
 # Part 1: the math
@@ -158,8 +168,297 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 # which is also its frozen reference. Stage 4 (CLGRPO) is stage 3 with the clip range narrowed
 # on the upper side: eps_high 0.2 -> 0.1, so a positive-advantage token's probability can rise
 # by at most 10% per update and the small policy moves through a smaller space, more carefully.
+# Stage 2 is a short format-alignment run; step counts are toy-scale defaults, override them.
 STAGE_PRESETS = {
-    2: dict(rewards={"format": 1.0}, eps_low=0.2, eps_high=0.2),
-    3: dict(rewards={"format": 1.0, "accuracy": 1.0}, eps_low=0.2, eps_high=0.2),
-    4: dict(rewards={"format": 1.0, "accuracy": 1.0}, eps_low=0.2, eps_high=0.1),
+    2: dict(rewards={"format": 1.0}, eps_low=0.2, eps_high=0.2, steps=40),
+    3: dict(rewards={"format": 1.0, "accuracy": 1.0}, eps_low=0.2, eps_high=0.2, steps=200),
+    4: dict(rewards={"format": 1.0, "accuracy": 1.0}, eps_low=0.2, eps_high=0.1, steps=200),
 }
+
+
+# =============================================================================================
+# Part 2: the training loop (stages 2-4)
+# =============================================================================================
+# Defaults shared by every stage; a stage preset overrides some, a command-line flag beats both.
+# The learning rate suits a 1-2B model; the tiny toy model wants ~5e-5 (demo.sh passes it).
+DEFAULTS = dict(
+    steps=200, batch_size=4, num_generations=8, mu=1, lr=1e-6, warmup=0, weight_decay=0.0, max_grad_norm=1.0,
+    beta=0.04, eps_low=0.2, eps_high=0.2, aggregation="sequence", scale_rewards="group", temperature=1.0,
+    top_p=1.0, max_new_tokens=96, micro_batch=None, logp_micro_batch=None, eval_every=50, eval_limit=100,
+    save_every=50, sample_every=25, seed=0,
+)
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    """DEFAULTS, then the stage preset, then every flag the user actually gave."""
+    config = {**DEFAULTS, **copy.deepcopy(STAGE_PRESETS[args.stage])}
+    weights = dict(config["rewards"])
+    for name in ("format", "accuracy"):
+        value = getattr(args, f"{name}_weight")
+        if value is not None:
+            weights[name] = value
+    config["rewards"] = {k: v for k, v in weights.items() if v != 0}
+    for key in DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    config.update(stage=args.stage, model=args.model, data=args.data, out=args.out)
+    if not config["rewards"]:
+        raise ValueError("every reward weight is 0: nothing to learn from")
+    if config["num_generations"] < 2:
+        raise ValueError("--num-generations must be >= 2: the group mean is the baseline")
+    return config
+
+
+class Timer:
+    """Wall-clock seconds per phase (sampling / scoring / log-probs / update)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize()  # GPU work is asynchronous: wait, or time lands elsewhere
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Phase()
+
+
+def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> torch.Tensor | float:
+    """Factor that makes the sum of per-micro-batch losses equal the full-batch loss.
+
+    sequence / constant average over completions: weight rows/N. token averages over all
+    tokens of the batch: weight (tokens in chunk)/(tokens in batch)."""
+    if aggregation == "token":
+        return mask[start:end].sum() / mask.sum().clamp(min=1)
+    return (end - start) / mask.shape[0]
+
+
+def score(rollout, labels: list[str], config: dict) -> tuple[torch.Tensor, dict]:
+    """Rewards [N] of the completions (labels repeated per group) and each component's mean."""
+    from rewards import combined_reward
+
+    group_labels = [y for y in labels for _ in range(config["num_generations"])]
+    totals, components = combined_reward(rollout.texts, group_labels, config["rewards"])
+    return torch.tensor(totals), {name: sum(v) / len(v) for name, v in components.items()}
+
+
+def policy_update(model, optimizer, scheduler, rollout, advantages, old_logp, ref_logp, config, autocast,
+                  want_entropy: bool) -> dict:
+    """One optimizer step on the GRPO loss, micro-batched over completions with gradient
+    accumulation. Returns detached stats (weighted like the loss) and the grad norm."""
+    n = rollout.completion_ids.shape[0]
+    step = config["micro_batch"] or n
+    mask = rollout.completion_mask
+    totals: dict[str, torch.Tensor] = {}
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        with autocast:
+            out = vlm.completion_logprobs(model, vlm.slice_inputs(rollout.inputs, s, e), rollout.completion_ids[s:e],
+                                          mask[s:e], temperature=config["temperature"], with_entropy=want_entropy)
+        logp, entropy = out if want_entropy else (out, None)
+        # mu = 1: the policy has not moved since sampling, so pi_old = pi_theta (detached).
+        old = old_logp[s:e] if old_logp is not None else logp.detach()
+        ref = ref_logp[s:e] if ref_logp is not None else None
+        loss, stats = grpo_loss(logp, old, ref, advantages[s:e], mask[s:e], config["eps_low"], config["eps_high"],
+                                config["beta"], config["aggregation"], config["max_new_tokens"])
+        w = chunk_weight(mask, s, e, config["aggregation"])
+        (loss * w).backward()
+        totals["loss"] = totals.get("loss", 0.0) + loss.detach() * w   # sums to the full-batch loss
+        if entropy is not None:
+            stats["entropy"] = masked_aggregate(entropy, mask[s:e], "token")
+        for k, v in stats.items():                                      # diagnostics: row-weighted means
+            totals[k] = totals.get(k, 0.0) + v * ((e - s) / n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
+    if not torch.isfinite(totals["grad_norm"]) or not torch.isfinite(totals["loss"]):
+        raise FloatingPointError(f"non-finite loss {totals['loss'].item()} or grad norm {totals['grad_norm'].item()}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def grpo_step(model, ref_model, processor, optimizer, scheduler, records, images, config, autocast) -> tuple[dict, list]:
+    """One GRPO step: sample G completions per prompt, score, advantages, then mu updates.
+
+    Returns (metrics for the log, per-update stats)."""
+    device = next(model.parameters()).device
+    timer = Timer(device)
+    g = config["num_generations"]
+    # 1. Sample the group: G completions per prompt in ONE batched generate call (pi_old).
+    with timer.phase("sample"):
+        rollout = vlm.sample_completions(model, processor, images, group_size=g, max_new_tokens=config["max_new_tokens"],
+                                         temperature=config["temperature"], top_p=config["top_p"])
+    # 2. Score each completion with the stage's reward components.
+    with timer.phase("score"):
+        rewards, reward_means = score(rollout, [r["label"] for r in records], config)
+    # 3. Group-relative advantages (zero-std groups get A = 0 and carry no policy gradient).
+    advantages, zero_std = group_advantages(rewards, g, config["scale_rewards"])
+    advantages = advantages.to(device)
+    # 4. Reference (frozen stage start) and, for mu > 1, old-policy log-probs: no gradient.
+    with timer.phase("logprobs"), torch.no_grad(), autocast:
+        lp = dict(temperature=config["temperature"], micro_batch=config["logp_micro_batch"])
+        args = (rollout.inputs, rollout.completion_ids, rollout.completion_mask)
+        ref_logp = vlm.completion_logprobs(ref_model, *args, **lp) if ref_model is not None else None
+        old_logp = vlm.completion_logprobs(model, *args, **lp) if config["mu"] > 1 else None
+    # 5. mu optimizer updates on this batch. If every group has zero std, there is no signal.
+    updates = []
+    with timer.phase("update"):
+        if not bool(zero_std.all()):
+            for k in range(config["mu"]):
+                updates.append(policy_update(model, optimizer, scheduler, rollout, advantages, old_logp, ref_logp,
+                                             config, autocast, want_entropy=(k == 0)))
+    lengths = rollout.completion_mask.sum(1).float()
+    metrics = {f"reward_{k}": v for k, v in reward_means.items()}
+    metrics.update(
+        reward_mean=rewards.mean().item(), reward_std=rewards.view(-1, g).std(dim=1).mean().item(),
+        frac_zero_std=zero_std.float().mean().item(), skipped_update=int(not updates),
+        completion_len_mean=lengths.mean().item(), completion_len_max=lengths.max().item(),
+        frac_truncated=rollout.truncated.float().mean().item(), lr=scheduler.get_last_lr()[0],
+        tokens_per_s=lengths.sum().item() / max(1e-9, timer.seconds["sample"]),
+        **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
+    if updates:
+        # One host sync for all stats: averaged over the mu updates (entropy: first update only).
+        keys = ["loss", "kl_mean", "clip_low_frac", "clip_high_frac", "ratio_mean", "grad_norm"]
+        stacked = torch.stack([torch.stack([u[k].float() for k in keys]) for u in updates]).mean(0).tolist()
+        metrics.update(dict(zip(keys, stacked)), entropy=updates[0]["entropy"].item())
+    metrics["samples"] = [{"label": records[i // g]["label"], "completion": rollout.texts[i], "reward": rewards[i].item()}
+                          for i in range(0, len(rollout.texts), g)][:3]
+    return metrics, updates
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Stages 2-4: GRPO (format; format+accuracy) and CLGRPO (clip-low).")
+    p.add_argument("--stage", type=int, required=True, choices=[2, 3, 4], help="2: format reward; 3: + accuracy; 4: + clip-low")
+    p.add_argument("--model", required=True, help="start checkpoint = frozen reference (previous stage's run folder)")
+    p.add_argument("--data", required=True, help="EmoSet-layout data root (train split for prompts, val for eval)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint/, metrics.jsonl, samples.jsonl, run_config.json")
+    f = lambda flag, typ, hlp, **kw: p.add_argument(flag, type=typ, default=None, help=hlp + " (default: stage preset)", **kw)  # noqa: E731
+    f("--steps", int, "GRPO steps (one generation batch each)")
+    f("--batch-size", int, "prompts per step (B)")
+    f("--num-generations", int, "completions per prompt (G)")
+    f("--mu", int, "optimizer updates per generation batch")
+    f("--lr", float, "learning rate (AdamW)")
+    f("--warmup", int, "linear LR warm-up steps")
+    f("--weight-decay", float, "AdamW weight decay")
+    f("--max-grad-norm", float, "gradient clipping norm")
+    f("--beta", float, "KL weight; 0 skips the reference model")
+    f("--eps-low", float, "lower clip: rho >= 1 - eps_low binds for A < 0")
+    f("--eps-high", float, "upper clip: rho <= 1 + eps_high binds for A > 0")
+    f("--aggregation", str, "loss aggregation", choices=["sequence", "token", "constant"])
+    f("--scale-rewards", str, "advantage scaling: group std or none (Dr. GRPO)", choices=["group", "none"])
+    f("--temperature", float, "sampling temperature (log-probs use the same)")
+    f("--top-p", float, "nucleus sampling (1.0 keeps log-probs exact)")
+    f("--max-new-tokens", int, "completion length limit")
+    f("--format-weight", float, "weight of the format reward")
+    f("--accuracy-weight", float, "weight of the accuracy reward")
+    f("--micro-batch", int, "completions per forward/backward in the update")
+    f("--logp-micro-batch", int, "completions per no-grad forward (reference / old policy)")
+    f("--eval-every", int, "validation accuracy every N steps (0: never)")
+    f("--eval-limit", int, "validation records per evaluation")
+    f("--save-every", int, "checkpoint every N steps (and at the end)")
+    f("--sample-every", int, "write sample completions every N steps")
+    f("--seed", int, "random seed (sampling and data order)")
+    p.add_argument("--stop-after", type=int, help="save and stop after N steps of this invocation (--resume continues)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, RNG, data order)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import eval as evaluation
+    from data import EpochSampler, append_jsonl, atomic_write_json, load_image, read_emoset_split, truncate_jsonl_after_step
+
+    args = parse_args(argv)
+    config = resolve_config(args)
+    out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
+    resume = args.resume and (ckpt / "trainer_state.pt").is_file()
+    vlm.seed_everything(config["seed"])
+
+    # The policy starts from --model (or the checkpoint when resuming); the reference is always
+    # --model, frozen: KL is measured against where this stage started.
+    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing)
+    device = next(model.parameters()).device
+    if args.freeze_vision:
+        for prm in vlm.vision_parameters(model):
+            prm.requires_grad_(False)
+    ref_model = None
+    if config["beta"] != 0:
+        ref_model, _ = vlm.load_model(args.model, args.dtype, args.device)
+        ref_model.eval().requires_grad_(False)
+
+    train, report = read_emoset_split(args.data, "train", skip_missing=True)
+    val, _ = read_emoset_split(args.data, "val", skip_missing=True, limit=config["eval_limit"])
+    if report["skipped_missing"]:
+        print(f"skipped {report['skipped_missing']} train entries with missing images")
+    params = [prm for prm in model.parameters() if prm.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    warmup = config["warmup"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sampler = EpochSampler(len(train), config["seed"])
+    step, skipped = 0, 0
+    if resume:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        vlm.set_rng_state(state["rng"])
+        step, skipped = state["step"], state["skipped_updates"]
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl_after_step(out / name, step)
+        print(f"resumed from {ckpt} at step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "run_config.json", config)
+    print("resolved configuration:", json.dumps(config))
+
+    def save():
+        state = {"step": step, "skipped_updates": skipped, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": vlm.rng_state()}
+        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": config})
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    model.train()
+    last = min(config["steps"], step + args.stop_after) if args.stop_after else config["steps"]
+    bar = tqdm(total=config["steps"], initial=step, desc=f"stage{args.stage}")
+    while step < last:
+        records = [train[i] for i in sampler.next_batch(config["batch_size"])]
+        images = [load_image(args.data, r) for r in records]
+        try:
+            metrics, _ = grpo_step(model, ref_model, processor, optimizer, scheduler, records, images, config, autocast)
+        except FloatingPointError as e:
+            raise SystemExit(f"stopped at step {step + 1}: {e}. The last good checkpoint is {ckpt}") from e
+        step += 1
+        skipped += metrics["skipped_update"]
+        samples = metrics.pop("samples")
+        metrics = {"step": step, **metrics, "skipped_updates_total": skipped}
+        if config["eval_every"] and (step % config["eval_every"] == 0 or step == config["steps"]):
+            val_metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=config["max_new_tokens"], progress=False)
+            metrics.update(val_accuracy=val_metrics["accuracy"], val_format_rate=val_metrics["format_rate"])
+            model.train()
+        append_jsonl(out / "metrics.jsonl", metrics)
+        if config["sample_every"] and step % config["sample_every"] == 0:
+            append_jsonl(out / "samples.jsonl", {"step": step, "samples": samples})
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics.get('reward_accuracy', 0):.2f}",
+                        fmt=f"{metrics.get('reward_format', 0):.2f}", kl=f"{metrics.get('kl_mean', 0):.3f}")
+        bar.update(1)
+        if step % config["save_every"] == 0 or step == last:
+            save()
+    bar.close()
+    return {"out": str(out), "step": step}
+
+
+if __name__ == "__main__":
+    main()

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -122,27 +120,6 @@ def load_examples(args) -> list[dict]:
     return examples
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Stage 1 SFT (COT records) or the plain-label baseline.")
@@ -184,7 +161,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
     resume = args.resume and (ckpt / "trainer_state.pt").is_file()
-    seed_everything(args.seed)
+    vlm.seed_everything(args.seed)
     model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing)
     device = next(model.parameters()).device
     if args.freeze_vision:
@@ -202,7 +179,7 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        vlm.set_rng_state(state["rng"])
         step = state["step"]
         truncate_jsonl_after_step(out / "metrics.jsonl", step)
         print(f"resumed from {ckpt} at step {step}")
@@ -213,7 +190,7 @@ def main(argv=None) -> dict:
 
     def save():
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": rng_state()}
+                 "sampler": sampler.state_dict(), "rng": vlm.rng_state()}
         vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"train_config.json": config})
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)

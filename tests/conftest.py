@@ -32,3 +32,23 @@ def tiny(tiny_model_dir):
     import vlm
 
     return vlm.load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def half_format_model(tmp_path_factory, tiny_model_dir, toy_data):
+    """A briefly SFT'd model whose completions have the right format only about half the time:
+    half of its COT targets have an empty <think></think>, which the format reward scores 0."""
+    import json
+
+    import sft
+    from data import read_emoset_split
+
+    root = tmp_path_factory.mktemp("half_format")
+    records, _ = read_emoset_split(toy_data, "train")
+    with open(root / "cot.jsonl", "w") as f:
+        for i, r in enumerate(records):
+            think = "" if i % 2 else "The background is dark and the largest object is blue."
+            f.write(json.dumps({**r, "think": think, "answer": r["label"]}) + "\n")
+    sft.main(["--mode", "cot", "--cot", str(root / "cot.jsonl"), "--model", str(tiny_model_dir), "--data", str(toy_data),
+              "--out", str(root / "run"), "--steps", "40", "--eval-every", "0", "--save-every", "40"])
+    return root / "run" / "checkpoint"
