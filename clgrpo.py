@@ -17,6 +17,7 @@ it was when sampling) and score each with a reward r_i. Per completion token t:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -216,19 +217,13 @@ class Timer:
     def __init__(self, device: torch.device):
         self.device, self.seconds = device, {}
 
+    @contextlib.contextmanager
     def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize()  # GPU work is asynchronous: wait, or time lands elsewhere
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Phase()
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # GPU work is asynchronous: wait, or its time lands in a later phase
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> torch.Tensor | float:
@@ -421,6 +416,9 @@ def main(argv=None) -> dict:
             truncate_jsonl_after_step(out / name, step)
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh run in an old folder starts its logs afresh
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl_after_step(out / name, 0)
     atomic_write_json(out / "run_config.json", config)
     print("resolved configuration:", json.dumps(config))
 
@@ -457,6 +455,7 @@ def main(argv=None) -> dict:
         if step % config["save_every"] == 0 or step == last:
             save()
     bar.close()
+    evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
     return {"out": str(out), "step": step}
 
 

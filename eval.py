@@ -154,12 +154,66 @@ def confusion_png(matrix: list[list[int]], path: str | os.PathLike, title: str =
     return img
 
 
+CURVE_KEYS = ["loss", "reward_mean", "reward_accuracy", "reward_format", "val_accuracy", "kl_mean",
+              "clip_low_frac", "clip_high_frac", "entropy", "completion_len_mean"]
+
+
+def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, keys: list[str] | None = None) -> list[str]:
+    """Small multiples of training curves from a metrics.jsonl (pillow only). Returns the keys drawn."""
+    from data import read_jsonl
+
+    rows = list(read_jsonl(metrics_path))
+    keys = [k for k in (keys or CURVE_KEYS) if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    w, h, cols = 300, 160, 3
+    img = Image.new("RGB", (w * cols, h * max(1, -(-len(keys) // cols))), "white")
+    draw = ImageDraw.Draw(img)
+    for n, key in enumerate(keys):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        x0, y0 = (n % cols) * w, (n // cols) * h
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        s_lo, s_hi = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
+        box = (x0 + 40, y0 + 20, x0 + w - 10, y0 + h - 20)
+        draw.rectangle(box, outline=(180, 180, 180))
+        draw.text((x0 + 40, y0 + 4), key, fill="black")
+        draw.text((x0 + 2, box[1]), f"{hi:.3g}", fill="gray")
+        draw.text((x0 + 2, box[3] - 10), f"{lo:.3g}", fill="gray")
+        draw.text((box[2] - 30, box[3] + 4), str(s_hi), fill="gray")
+        xy = [(box[0] + (st - s_lo) / (s_hi - s_lo) * (box[2] - box[0]),
+               box[3] - (0.5 if hi == lo else (v - lo) / (hi - lo)) * (box[3] - box[1])) for st, v in pts]
+        if len(xy) > 1:
+            draw.line(xy, fill=(30, 90, 200), width=2)
+        else:
+            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(30, 90, 200))
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".{out_png.name}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, out_png)
+    return keys
+
+
+def aggregate(result_files: list[str], keys=("accuracy", "uar", "macro_f1", "format_rate")) -> str:
+    """Mean +- std (over seeds) of each model row across several results.json: the ablation table."""
+    import statistics
+
+    per_model: dict[str, dict[str, list[float]]] = {}
+    for f in result_files:
+        for name, m in json.loads(Path(f).read_text())["results"].items():
+            for k in keys:
+                per_model.setdefault(name, {}).setdefault(k, []).append(m[k])
+    lines = ["| setting | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, vals in per_model.items():
+        cells = [f"{100 * statistics.mean(v):.1f} +- {100 * (statistics.stdev(v) if len(v) > 1 else 0.0):.1f}" for v in vals.values()]
+        lines.append(f"| {name} | {len(next(iter(vals.values())))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Evaluate checkpoints on an EmoSet-layout split and compare them.")
-    p.add_argument("--model", action="append", required=True, help="model folder or run folder; repeat to compare")
+    p.add_argument("--model", action="append", help="model folder or run folder; repeat to compare")
+    p.add_argument("--aggregate", nargs="+", metavar="RESULTS_JSON", help="instead: mean +- std over several results.json (seeds)")
     p.add_argument("--name", action="append", help="row name per --model (default: the folder name)")
-    p.add_argument("--data", required=True, help="EmoSet-layout data root")
+    p.add_argument("--data", help="EmoSet-layout data root")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
@@ -169,6 +223,14 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     args = p.parse_args(argv)
+    if args.aggregate:
+        table = aggregate(args.aggregate)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out) / "aggregate.md", table)
+        print(table)
+        return
+    if not args.model or not args.data:
+        p.error("--model and --data are required (or use --aggregate)")
     import vlm
 
     names = args.name or [Path(m).name for m in args.model]

@@ -185,6 +185,9 @@ def main(argv=None) -> dict:
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
     config = {**vars(args), "examples": len(examples), "device": str(device)}
+    if not resume:  # a fresh run in an old folder starts its logs afresh
+        for name in ("metrics.jsonl",):
+            truncate_jsonl_after_step(out / name, 0)
     atomic_write_json(out / "run_config.json", config)
     print(json.dumps(config))
 
@@ -227,6 +230,7 @@ def main(argv=None) -> dict:
         if step % args.save_every == 0 or step == last:
             save()
     bar.close()
+    evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if not (ckpt / "config.json").is_file():
         save()
     return {"out": str(out), "step": step}

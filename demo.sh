@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The whole CLGRPO recipe on the embedded default (toy EmoSet + tiny VLM), offline:
+#   toy data -> tiny VLM -> COT construction (toy teachers) -> baseline SFT on labels ->
+#   stage 1 SFT on COT -> stage 2 GRPO (format) -> stage 3 GRPO (format + accuracy) ->
+#   stage 4 CLGRPO (clip-low) -> eval.py over baseline and stages 1-4.
+#
+# usage: bash demo.sh [--device cpu|cuda|auto] [--seed N] [--out DIR] [--redo] [--ablation]
+#   --redo      rerun finished stages (default: skip them; an interrupted stage resumes)
+#   --ablation  afterwards, stage 4 under 4 clip settings + stage 3 continued, over 3 seeds
+# Every knob below can also be set from the environment (e.g. STAGE3_STEPS=40 bash demo.sh).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DEVICE=${DEVICE:-auto}; SEED=${SEED:-0}; OUT=${OUT:-runs/demo}; REDO=0; ABLATION=0
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --device) DEVICE=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --redo) REDO=1; shift ;;
+    --ablation) ABLATION=1; shift ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+# Budget (measured on 2 CPU cores; see README "The demo, measured").
+DIFFICULTY=${DIFFICULTY:-demo}
+SFT_STEPS=${SFT_STEPS:-150}          # baseline and stage 1 alike: short, so the RL stages have room
+RL_LR=${RL_LR:-5e-5}                 # the tiny model is unstable above ~1e-4
+RL_COMMON=(--lr "$RL_LR" --batch-size 4 --num-generations 8 --max-new-tokens 64 --beta 0.04
+           --eval-every 0 --save-every 25 --sample-every 10 --device "$DEVICE" --seed "$SEED")
+STAGE2_STEPS=${STAGE2_STEPS:-15}
+STAGE3_STEPS=${STAGE3_STEPS:-80}
+STAGE4_STEPS=${STAGE4_STEPS:-80}
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+DATA=$OUT/data; MODEL=$OUT/tiny_vlm; COT=$OUT/cot/train.jsonl
+TIMES=$OUT/times.tsv; [[ -f $TIMES ]] || printf 'stage\tseconds\n' > "$TIMES"
+
+# run NAME CMD...: skip if NAME finished before (unless --redo), time it, mark it done.
+run() {
+  local name=$1; shift
+  if [[ -f $OUT/.done_$name && $REDO == 0 ]]; then echo "== $name: done before, skipped (--redo to rerun)"; return; fi
+  echo "== $name"
+  local t0=$SECONDS
+  "$@"
+  printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> "$TIMES"
+  touch "$OUT/.done_$name"
+}
+resume_flag() { [[ -f $1/checkpoint/trainer_state.pt && $REDO == 0 ]] && echo --resume || true; }
+
+run data    python toy.py data "$DATA" --difficulty "$DIFFICULTY" --seed "$SEED"
+run model   python toy.py model "$MODEL" --seed "$SEED"
+build_cot() {
+  mkdir -p "$OUT/cot"; rm -f "$COT" "$COT".*      # a finished stage is never re-entered; start clean
+  python cot_builder.py --data "$DATA" --split train --teacher toy:describer --teacher toy:counter \
+    --teacher toy:terse --out "$COT" > "$OUT/cot/log.txt"
+  python -c "import json, sys; s = json.load(open(sys.argv[1])); print('kept', s['kept'], 'dropped', s['dropped'], 'blind accuracy', {k: v['blind_accuracy'] for k, v in s['teachers'].items()})" "$COT.summary.json"
+}
+run cot build_cot
+SFT=(--steps "$SFT_STEPS" --eval-every 50 --save-every 50 --device "$DEVICE" --seed "$SEED")
+run baseline python sft.py --mode label --model "$MODEL" --data "$DATA" --out "$OUT/baseline" "${SFT[@]}" $(resume_flag "$OUT/baseline")
+run stage1  python sft.py --mode cot --cot "$COT" --model "$MODEL" --data "$DATA" --out "$OUT/stage1" "${SFT[@]}" $(resume_flag "$OUT/stage1")
+run stage2  python clgrpo.py --stage 2 --model "$OUT/stage1" --data "$DATA" --out "$OUT/stage2" --steps "$STAGE2_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage2")
+run stage3  python clgrpo.py --stage 3 --model "$OUT/stage2" --data "$DATA" --out "$OUT/stage3" --steps "$STAGE3_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage3")
+run stage4  python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/stage4" --steps "$STAGE4_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage4")
+run eval    python eval.py --data "$DATA" --split test --out "$OUT/eval" --device "$DEVICE" \
+              --model "$OUT/baseline" --name baseline --model "$OUT/stage1" --name stage1_sft \
+              --model "$OUT/stage2" --name stage2_format --model "$OUT/stage3" --name stage3_format_acc \
+              --model "$OUT/stage4" --name stage4_clgrpo
+
+echo; echo "Results (test split, %), also in $OUT/eval/results.md:"; cat "$OUT/eval/results.md"
+echo; echo "Seconds per stage:"; column -t "$TIMES" 2>/dev/null || cat "$TIMES"
+
+if [[ $ABLATION == 1 ]]; then
+  # Clip ablation: stage 4 from the same stage-3 checkpoint under each clip setting, and the fair
+  # control (stage 3 continued for as many steps), over 3 seeds; then mean +- std per setting.
+  declare -A CLIPS=([sym_0.2]="0.2 0.2" [cliplow_0.2_0.1]="0.2 0.1" [narrow_0.1_0.1]="0.1 0.1" [cliphigher_0.2_0.28]="0.2 0.28")
+  results=()
+  for seed in ${ABLATION_SEEDS:-0 1 2}; do
+    dir=$OUT/ablation/seed$seed; models=()
+    for name in "${!CLIPS[@]}"; do
+      read -r lo hi <<< "${CLIPS[$name]}"
+      run "abl_${seed}_$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$dir/$name" \
+        --steps "$STAGE4_STEPS" --eps-low "$lo" --eps-high "$hi" "${RL_COMMON[@]}" --seed "$seed" $(resume_flag "$dir/$name")
+      models+=(--model "$dir/$name" --name "$name")
+    done
+    run "abl_${seed}_stage3_continued" python clgrpo.py --stage 3 --model "$OUT/stage3" --data "$DATA" \
+      --out "$dir/stage3_continued" --steps "$STAGE4_STEPS" "${RL_COMMON[@]}" --seed "$seed" $(resume_flag "$dir/stage3_continued")
+    models+=(--model "$dir/stage3_continued" --name stage3_continued)
+    run "abl_${seed}_eval" python eval.py --data "$DATA" --split val --out "$dir/eval" --device "$DEVICE" "${models[@]}"
+    results+=("$dir/eval/results.json")
+  done
+  echo; echo "Clip ablation (val split, mean +- std over seeds, %):"
+  python eval.py --aggregate "${results[@]}" --out "$OUT/ablation"
+fi
