@@ -182,8 +182,10 @@ STAGE_PRESETS = {
 # =============================================================================================
 # Defaults shared by every stage; a stage preset overrides some, a command-line flag beats both.
 # The learning rate suits a 1-2B model; the tiny toy model wants ~5e-5 (demo.sh passes it).
+# mu = 2, not 1: with a single update per generation batch the ratio is exactly 1 when the loss
+# is computed, so no clip bound can bind, and stage 4's clip-low would change nothing at all.
 DEFAULTS = dict(
-    steps=200, batch_size=4, num_generations=8, mu=1, lr=1e-6, warmup=0, weight_decay=0.0, max_grad_norm=1.0,
+    steps=200, batch_size=4, num_generations=8, mu=2, lr=1e-6, warmup=0, weight_decay=0.0, max_grad_norm=1.0,
     beta=0.04, eps_low=0.2, eps_high=0.2, aggregation="sequence", scale_rewards="group", temperature=1.0,
     top_p=1.0, max_new_tokens=96, micro_batch=None, logp_micro_batch=None, eval_every=50, eval_limit=100,
     save_every=50, sample_every=25, seed=0,
@@ -367,6 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, RNG, data order)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--ref-dtype", choices=["float32", "bfloat16", "float16"], help="reference model dtype (default: --dtype); bfloat16 halves its memory")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
@@ -392,7 +395,7 @@ def main(argv=None) -> dict:
             prm.requires_grad_(False)
     ref_model = None
     if config["beta"] != 0:
-        ref_model, _ = vlm.load_model(args.model, args.dtype, args.device)
+        ref_model, _ = vlm.load_model(args.model, args.ref_dtype or args.dtype, args.device)
         ref_model.eval().requires_grad_(False)
 
     train, report = read_emoset_split(args.data, "train", skip_missing=True)
@@ -406,25 +409,17 @@ def main(argv=None) -> dict:
     sampler = EpochSampler(len(train), config["seed"])
     step, skipped = 0, 0
     if resume:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        vlm.set_rng_state(state["rng"])
+        state = vlm.restore_training_state(ckpt, optimizer, scheduler, sampler)
         step, skipped = state["step"], state["skipped_updates"]
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            truncate_jsonl_after_step(out / name, step)
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a fresh run in an old folder starts its logs afresh
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            truncate_jsonl_after_step(out / name, 0)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        truncate_jsonl_after_step(out / name, step)  # drop log lines of steps to be (re)done
     atomic_write_json(out / "run_config.json", config)
     print("resolved configuration:", json.dumps(config))
 
     def save():
-        state = {"step": step, "skipped_updates": skipped, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": vlm.rng_state()}
+        state = vlm.training_state(step, optimizer, scheduler, sampler, skipped_updates=skipped)
         vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": config})
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)

@@ -175,26 +175,17 @@ def main(argv=None) -> dict:
     sampler = EpochSampler(len(examples), args.seed)
     step = 0
     if resume:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        vlm.set_rng_state(state["rng"])
-        step = state["step"]
-        truncate_jsonl_after_step(out / "metrics.jsonl", step)
+        step = vlm.restore_training_state(ckpt, optimizer, scheduler, sampler)["step"]
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
+    truncate_jsonl_after_step(out / "metrics.jsonl", step)  # drop log lines of steps to be (re)done
     config = {**vars(args), "examples": len(examples), "device": str(device)}
-    if not resume:  # a fresh run in an old folder starts its logs afresh
-        for name in ("metrics.jsonl",):
-            truncate_jsonl_after_step(out / name, 0)
     atomic_write_json(out / "run_config.json", config)
     print(json.dumps(config))
 
     def save():
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": vlm.rng_state()}
-        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"train_config.json": config})
+        state = vlm.training_state(step, optimizer, scheduler, sampler)
+        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": config})
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     model.train()

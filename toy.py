@@ -44,12 +44,12 @@ assert sorted(TOY_TABLE.values()) == sorted(EMOTIONS)
 # hundred SFT steps). `demo`: position/size jitter, distractors, closer brightness ranges, colour
 # jitter and 5% label noise: room for the stages to differ. `hard`: more of all of it.
 DIFFICULTIES = {
-    "easy": dict(size=(18, 22), jitter=0, distractors=(0, 0), bright=(190, 240), dark=(15, 60),
+    "easy": dict(size=(18, 22), jitter=0, distractors=(0, 0), distractor_scale=(0.3, 0.5), bright=(190, 240), dark=(15, 60),
                  color_jitter=0, label_noise=0.0),
-    "demo": dict(size=(11, 20), jitter=14, distractors=(0, 2), bright=(135, 235), dark=(20, 115),
-                 color_jitter=30, label_noise=0.05),
-    "hard": dict(size=(8, 18), jitter=20, distractors=(1, 3), bright=(120, 235), dark=(20, 130),
-                 color_jitter=40, label_noise=0.10),
+    "demo": dict(size=(8, 15), jitter=18, distractors=(1, 3), distractor_scale=(0.4, 0.6), bright=(132, 225),
+                 dark=(30, 124), color_jitter=35, label_noise=0.05),
+    "hard": dict(size=(7, 13), jitter=20, distractors=(2, 4), distractor_scale=(0.5, 0.65), bright=(130, 210),
+                 dark=(45, 126), color_jitter=45, label_noise=0.10),
 }
 DEFAULT_SPLIT_SIZES = {"train": 2000, "val": 200, "test": 400}
 
@@ -86,10 +86,10 @@ def draw_toy_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict
     cy = c + rng.uniform(-knobs["jitter"], knobs["jitter"])
     distractors = []
     for _ in range(rng.randint(*knobs["distractors"])):
-        # At most half the main radius (a quarter of its area), never the main colour, so
+        # At most 0.65 of the main radius (~0.42 of its area), never the main colour, so
         # "the colour covering most pixels" stays a well-defined rule.
         d = dict(shape=rng.choice(SHAPES), color=rng.choice([k for k in COLORS if k != color]),
-                 size=round(r * rng.uniform(0.3, 0.5), 1),
+                 size=round(r * rng.uniform(*knobs["distractor_scale"]), 1),
                  center=[round(rng.uniform(6, IMAGE_SIZE - 6), 1), round(rng.uniform(6, IMAGE_SIZE - 6), 1)])
         _draw_shape(draw, d["shape"], *d["center"], d["size"], _jittered(COLORS[d["color"]], knobs["color_jitter"], rng))
         distractors.append(d)

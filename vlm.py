@@ -307,3 +307,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def training_state(step: int, optimizer, scheduler, sampler, **extra) -> dict:
+    """Everything a resumed run needs besides the weights: saved as trainer_state.pt."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(), "rng": rng_state(), **extra}
+
+
+def restore_training_state(ckpt: str | os.PathLike, optimizer, scheduler, sampler) -> dict:
+    """Load trainer_state.pt into the optimizer, scheduler, data sampler and RNGs; return it."""
+    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    return state
