@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import vlm
+from rewards import combined_reward
 
 # =============================================================================================
 # Part 1: the math
@@ -240,8 +241,6 @@ def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> 
 
 def score(rollout, labels: list[str], config: dict) -> tuple[torch.Tensor, dict]:
     """Rewards [N] of the completions (labels repeated per group) and each component's mean."""
-    from rewards import combined_reward
-
     group_labels = [y for y in labels for _ in range(config["num_generations"])]
     totals, components = combined_reward(rollout.texts, group_labels, config["rewards"])
     return torch.tensor(totals), {name: sum(v) / len(v) for name, v in components.items()}
@@ -323,7 +322,8 @@ def grpo_step(model, ref_model, processor, optimizer, scheduler, records, images
         tokens_per_s=lengths.sum().item() / max(1e-9, timer.seconds["sample"]),
         **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
     if updates:
-        # One host sync for all stats: averaged over the mu updates (entropy: first update only).
+        # One host sync for all stats, averaged over the mu updates (entropy: first update only).
+        # The first update's ratio is exactly 1, so clip fractions are diluted by 1/mu.
         keys = ["loss", "kl_mean", "clip_low_frac", "clip_high_frac", "ratio_mean", "grad_norm"]
         stacked = torch.stack([torch.stack([u[k].float() for k in keys]) for u in updates]).mean(0).tolist()
         metrics.update(dict(zip(keys, stacked)), entropy=updates[0]["entropy"].item())

@@ -26,6 +26,7 @@ from data import (EpochSampler, append_jsonl, atomic_write_json, cot_target, lab
                   read_emoset_split, read_jsonl, truncate_jsonl_after_step)
 
 IGNORE = -100
+TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template is rendered once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,10 +58,11 @@ def build_sft_batch(processor, images: list, targets: list[str], padding_side: s
     prompt = vlm.chat_prompt(processor)
     enc = processor(images=[[img] for img in images], text=[prompt] * len(images), return_tensors="pt", padding=True)
     tok = processor.tokenizer
+    wrapper = assistant_suffix(processor, TARGET_SLOT)  # the template around a target is the same for all
     rows = []
     for i, target in enumerate(targets):
         prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
-        target_ids = torch.tensor(tok(assistant_suffix(processor, target), add_special_tokens=False)["input_ids"])
+        target_ids = torch.tensor(tok(wrapper.replace(TARGET_SLOT, target), add_special_tokens=False)["input_ids"])
         rows.append((torch.cat([prompt_ids, target_ids]), torch.cat([torch.full_like(prompt_ids, IGNORE), target_ids])))
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), tok.pad_token_id)
