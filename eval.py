@@ -181,7 +181,12 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, key
         xy = [(box[0] + (st - s_lo) / (s_hi - s_lo) * (box[2] - box[0]),
                box[3] - (0.5 if hi == lo else (v - lo) / (hi - lo)) * (box[3] - box[1])) for st, v in pts]
         if len(xy) > 1:
-            draw.line(xy, fill=(30, 90, 200), width=2)
+            # raw values faintly, a trailing moving average (window ~1/15 of the run) on top
+            draw.line(xy, fill=(185, 200, 235), width=1)
+            win = max(1, len(xy) // 15)
+            ys = [p[1] for p in xy]
+            smooth = [(x, sum(ys[max(0, i - win + 1):i + 1]) / (i + 1 - max(0, i - win + 1))) for i, (x, _) in enumerate(xy)]
+            draw.line(smooth, fill=(30, 90, 200), width=2)
         else:
             draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(30, 90, 200))
     out_png = Path(out_png)

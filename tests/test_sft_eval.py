@@ -155,3 +155,22 @@ def test_confusion_png_has_one_cell_per_class_pair(tmp_path):
     assert corner(1, 1)[0] == 0                # full row on the diagonal: darkest
     assert corner(1, 2)[0] == 255              # empty cell: white
     assert corner(0, 0)[0] == corner(0, 8)[0] == 127  # 10 of 20: half shade
+
+
+def test_plot_curves_draws_only_logged_numeric_keys(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "kl_mean": 0.01 * s, "note": "x"}) + "\n" for s in range(1, 31)))
+    keys = evaluation.plot_curves(path, tmp_path / "curves.png")
+    assert keys == ["loss", "kl_mean"]
+    assert Image.open(tmp_path / "curves.png").size == (900, 160)
+
+
+def test_aggregate_over_seeds_is_mean_and_sample_std(tmp_path):
+    files = []
+    for seed, acc in enumerate([0.80, 0.90]):
+        m = {"accuracy": acc, "uar": 0.5, "macro_f1": 0.5, "format_rate": 1.0}
+        files.append(tmp_path / f"r{seed}.json")
+        files[-1].write_text(json.dumps({"results": {"cliplow": m}}))
+    table = evaluation.aggregate([str(f) for f in files])
+    # mean 85.0, sample std of (80, 90) = 7.07
+    assert "| cliplow | 2 | 85.0 +- 7.1 | 50.0 +- 0.0 | 50.0 +- 0.0 | 100.0 +- 0.0 |" in table
