@@ -232,3 +232,14 @@ def test_malformed_bodies_and_failures_are_counted_not_raised(server_factory, tm
     t = summary["teachers"][http_teacher.name]
     assert t["errors"] == 3 and t["malformed"] == 3 and t["correct"] == 0
     assert all(r["teacher"] == "toy:describer" for r in read_jsonl(out))
+
+
+def test_hf_teacher_answers_images_and_text_and_its_failures_are_counted(tmp_path, toy_data, tiny_model_dir):
+    teacher = cot_builder.make_teacher(f"hf:{tiny_model_dir}")
+    teacher.max_new_tokens = 12
+    records, _ = read_emoset_split(toy_data, "train", limit=5)
+    items = [(r["id"], data.load_image(toy_data, r)) for r in records]
+    assert len(teacher.blind(items)) == 5 and all(isinstance(t, str) for t in teacher.from_reasoning([("k", "dark, red")]))
+    summary = cot_builder.build(records, toy_data, [teacher, toy.ToyTeacher("describer", malformed_rate=0)], tmp_path / "c.jsonl")
+    t = summary["teachers"][teacher.name]
+    assert t["correct"] + t["wrong"] + t["failures"] == 5 and t["failures"] >= 4   # a random model rarely has the format
