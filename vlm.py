@@ -155,10 +155,11 @@ class Rollout:
 @torch.no_grad()
 def sample_completions(model, processor, images: list, group_size: int = 1, max_new_tokens: int = 64,
                        temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                       prompt: str | None = None) -> Rollout:
+                       prompt: str | list[str] | None = None) -> Rollout:
     """Sample `group_size` completions for each image in ONE batched generate call.
 
     Each example is repeated G times *before* preprocessing, so every row carries its own image.
+    `prompt`: one chat prompt for all images, one per image, or None for the standard one.
     (Repeating an already flattened pixel tensor, as some GRPO code does, misaligns images and
     prompts as soon as B > 1 for processors that flatten patches, e.g. Qwen2-VL.)
     Pure temperature sampling: top_k is disabled, so the sampling distribution is exactly
@@ -166,6 +167,8 @@ def sample_completions(model, processor, images: list, group_size: int = 1, max_
     """
     device = next(model.parameters()).device
     repeated = [img for img in images for _ in range(group_size)]
+    if isinstance(prompt, list):
+        prompt = [p for p in prompt for _ in range(group_size)]
     inputs = encode_prompts(processor, repeated, prompt, device)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                       suppress_tokens=blocked_token_ids(model, processor),
