@@ -104,3 +104,43 @@ def test_atomic_write_json_replaces_whole_file(tmp_path):
 
 def test_labels_are_emoset_order():
     assert EMOTIONS == ("amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness")
+
+
+def test_valence_of_each_label():
+    from data import valence
+
+    assert [valence(e) for e in EMOTIONS] == ["positive"] * 4 + ["negative"] * 4
+    with pytest.raises(ValueError):
+        valence("joy")
+
+
+def test_epoch_sampler_covers_each_epoch_and_resumes_exactly():
+    from data import EpochSampler
+
+    a = EpochSampler(10, seed=3)
+    first = a.next_batch(4) + a.next_batch(4) + a.next_batch(2)
+    assert sorted(first) == list(range(10))              # one epoch = every index once
+    assert first != list(range(10))                      # shuffled
+    a.next_batch(3)
+    state = a.state_dict()
+    rest = [a.next_batch(4) for _ in range(5)]           # crosses into later epochs
+    b = EpochSampler(10, seed=3)
+    b.load_state_dict(state)
+    assert [b.next_batch(4) for _ in range(5)] == rest
+    assert EpochSampler(10, seed=4).next_batch(10) != first
+    with pytest.raises(ValueError, match="cannot resume"):
+        EpochSampler(9, seed=3).load_state_dict(state)
+
+
+def test_truncate_log_after_step(tmp_path):
+    from data import truncate_jsonl_after_step
+
+    path = tmp_path / "metrics.jsonl"
+    for step in (1, 2, 3):
+        append_jsonl(path, {"step": step})
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lo')                         # a crash mid-line
+    truncate_jsonl_after_step(path, 2)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+    truncate_jsonl_after_step(path, 0)                    # a fresh run starts its log afresh
+    assert list(read_jsonl(path)) == []

@@ -174,3 +174,14 @@ def test_aggregate_over_seeds_is_mean_and_sample_std(tmp_path):
     table = evaluation.aggregate([str(f) for f in files])
     # mean 85.0, sample std of (80, 90) = 7.07
     assert "| cliplow | 2 | 85.0 +- 7.1 | 50.0 +- 0.0 | 50.0 +- 0.0 | 100.0 +- 0.0 |" in table
+
+
+def test_markdown_table_rows_and_percentages():
+    m = evaluation.classification_metrics(["anger", "awe"], ["anger", "fear"], formats=[1, 0])
+    lines = evaluation.markdown_table({"stage4": m}).splitlines()
+    assert lines[0].startswith("| model | Acc | UAR | F1 |") and len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    # acc 1/2; UAR and macro-F1 over the present classes: anger (R=1, F1=1), fear (R=0, F1=0);
+    # valence: anger->anger right, fear->awe wrong; format 1/2; no invalid answers
+    assert cells[:7] == ["stage4", "50.0", "50.0", "50.0", "50.0", "50.0", "0.0"]
+    assert cells[7] == "-"                                 # amusement: absent from the labels
