@@ -25,6 +25,7 @@ import base64
 import io
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,6 +82,11 @@ class OpenAITeacher:
         self.max_tokens, self.temperature = max_tokens, temperature
         self.api_key = os.environ.get(api_key_env)
         self.calls = Counter()  # attempts / retries / failures, for the summary
+        self._lock = threading.Lock()  # worker threads update `calls`; += on a dict item is not atomic
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.calls[key] += 1
 
     def chat(self, content) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
@@ -89,7 +95,7 @@ class OpenAITeacher:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.retries + 1):
-            self.calls["attempts"] += 1
+            self._count("attempts")
             try:
                 request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -103,7 +109,7 @@ class OpenAITeacher:
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 last = f"{type(e).__name__}: {e}"
             if attempt < self.retries:
-                self.calls["retries"] += 1
+                self._count("retries")
                 time.sleep(self.backoff * 2 ** attempt)
         else:
             raise TeacherError(f"{self.name}: gave up after {self.retries + 1} attempts: {last}")
@@ -120,7 +126,7 @@ class OpenAITeacher:
             try:
                 return self.chat(content)
             except TeacherError as e:
-                self.calls["failures"] += 1
+                self._count("failures")
                 return e
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(call, contents))
