@@ -205,14 +205,16 @@ def main(argv=None) -> dict:
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        loss_value, grad_value = loss_sum.item(), grad_norm.item()  # one sync per step, also for the log
+        if not math.isfinite(loss_value) or not math.isfinite(grad_value):  # check BEFORE stepping
+            raise SystemExit(f"stopped at step {step + 1}: non-finite loss {loss_value} or grad norm {grad_value}; "
+                             f"the last good checkpoint is {ckpt}")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        record = {"step": step, "loss": loss_sum.item(), "grad_norm": grad_norm.item(),
+        record = {"step": step, "loss": loss_value, "grad_norm": grad_value,
                   "lr": scheduler.get_last_lr()[0], "step_s": round(time.perf_counter() - t0, 4)}
-        if not math.isfinite(record["loss"]) or not math.isfinite(record["grad_norm"]):
-            raise RuntimeError(f"step {step}: non-finite loss/grad norm {record}; last good checkpoint kept in {ckpt}")
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=args.max_new_tokens, progress=False)
             record.update(val_accuracy=metrics["accuracy"], val_format_rate=metrics["format_rate"])

@@ -185,3 +185,12 @@ def test_markdown_table_rows_and_percentages():
     # valence: anger->anger right, fear->awe wrong; format 1/2; no invalid answers
     assert cells[:7] == ["stage4", "50.0", "50.0", "50.0", "50.0", "50.0", "0.0"]
     assert cells[7] == "-"                                 # amusement: absent from the labels
+
+
+def test_sft_nonfinite_loss_stops_before_the_step(tmp_path, tiny_model_dir, toy_data, monkeypatch):
+    real = sft.sft_loss
+    monkeypatch.setattr(sft, "sft_loss", lambda model, batch: real(model, batch) * float("nan"))
+    with pytest.raises(SystemExit, match="stopped at step 1: non-finite loss"):
+        sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(toy_data), "--out", str(tmp_path / "r"),
+                  "--steps", "2", "--eval-every", "0", "--batch-size", "4"])
+    assert not (tmp_path / "r" / "checkpoint").exists()   # nothing written from a poisoned step
