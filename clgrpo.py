@@ -20,14 +20,15 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import eval as evaluation
 import vlm
+from data import EpochSampler, append_jsonl, atomic_write_json, load_image, read_emoset_split, truncate_jsonl_after_step
 from rewards import combined_reward
 
 # =============================================================================================
@@ -377,9 +378,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    import eval as evaluation
-    from data import EpochSampler, append_jsonl, atomic_write_json, load_image, read_emoset_split, truncate_jsonl_after_step
-
     args = parse_args(argv)
     config = resolve_config(args)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint"

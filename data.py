@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -197,20 +198,24 @@ def repair_jsonl_tail(path: str | os.PathLike) -> int:
     return len(data) - keep
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a whole text file so that readers see the old or the new content, never a mix."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file so that readers see the old or the new content, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -230,8 +235,6 @@ class EpochSampler:
         self.order = self._permutation()
 
     def _permutation(self) -> list[int]:
-        import random
-
         order = list(range(self.n))
         random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order

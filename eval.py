@@ -10,8 +10,10 @@ and labels in, numbers out.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -19,7 +21,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import EMOTIONS, atomic_write_json, atomic_write_text, load_image, read_emoset_split, valence
+import vlm
+from data import (EMOTIONS, atomic_write_bytes, atomic_write_json, atomic_write_text, load_image, read_emoset_split,
+                  read_jsonl, valence)
 from rewards import format_reward, normalize_emotion, parse_answer
 
 INVALID = "invalid"
@@ -85,8 +89,6 @@ def prediction_of(completion: str) -> dict:
 def predict(model, processor, root, records: list[dict], batch_size: int = 32, max_new_tokens: int = 96,
             progress: bool = True) -> list[dict]:
     """Greedy completions for records, batched. One dict per record (id, label, completion, ...)."""
-    import vlm
-
     out = []
     for s in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress, leave=False):
         chunk = records[s:s + batch_size]
@@ -130,6 +132,13 @@ def markdown_table(results: dict[str, dict]) -> str:
 CELL, MARGIN = 40, 90
 
 
+def save_png(img: Image.Image, path: str | os.PathLike) -> None:
+    """Encode in memory, then write atomically (no half-written picture after a crash)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def confusion_png(matrix: list[list[int]], path: str | os.PathLike, title: str = "") -> Image.Image:
     """Heatmap of the 8 x 9 confusion matrix (row-normalised shading, raw counts written in)."""
     rows, cols = len(matrix), len(matrix[0])
@@ -147,10 +156,7 @@ def confusion_png(matrix: list[list[int]], path: str | os.PathLike, title: str =
             x0, y0 = MARGIN + j * CELL, MARGIN + i * CELL
             draw.rectangle([x0, y0, x0 + CELL - 1, y0 + CELL - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
             draw.text((x0 + 4, y0 + CELL // 2 - 5), str(count), fill="black" if shade > 110 else "white")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png(img, path)
     return img
 
 
@@ -160,8 +166,6 @@ CURVE_KEYS = ["loss", "reward_mean", "reward_accuracy", "reward_format", "val_ac
 
 def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, keys: list[str] | None = None) -> list[str]:
     """Small multiples of training curves from a metrics.jsonl (pillow only). Returns the keys drawn."""
-    from data import read_jsonl
-
     rows = list(read_jsonl(metrics_path))
     keys = [k for k in (keys or CURVE_KEYS) if any(isinstance(r.get(k), (int, float)) for r in rows)]
     w, h, cols = 300, 160, 3
@@ -189,17 +193,12 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, key
             draw.line(smooth, fill=(30, 90, 200), width=2)
         else:
             draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(30, 90, 200))
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, out_png)
+    save_png(img, out_png)
     return keys
 
 
 def aggregate(result_files: list[str], keys=("accuracy", "uar", "macro_f1", "format_rate")) -> str:
     """Mean +- std (over seeds) of each model row across several results.json: the ablation table."""
-    import statistics
-
     per_model: dict[str, dict[str, list[float]]] = {}
     for f in result_files:
         for name, m in json.loads(Path(f).read_text())["results"].items():
@@ -236,7 +235,6 @@ def main(argv=None) -> None:
         return
     if not args.model or not args.data:
         p.error("--model and --data are required (or use --aggregate)")
-    import vlm
 
     names = args.name or [Path(m).name for m in args.model]
     if len(names) != len(args.model) or len(set(names)) != len(names):

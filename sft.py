@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import eval as evaluation
 import vlm
 from data import (EpochSampler, append_jsonl, atomic_write_json, cot_target, label_target, load_image,
                   read_emoset_split, read_jsonl, truncate_jsonl_after_step)
@@ -158,8 +159,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    import eval as evaluation
-
     args = parse_args(argv)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
     resume = args.resume and (ckpt / "trainer_state.pt").is_file()
