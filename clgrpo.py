@@ -255,11 +255,14 @@ def policy_update(model, optimizer, scheduler, rollout, advantages, old_logp, re
     step = config["micro_batch"] or n
     mask = rollout.completion_mask
     totals: dict[str, torch.Tensor] = {}
+    with autocast:  # the B images go through the vision tower once; every chunk's rows share them
+        features = vlm.encode_images(model, rollout.prompts, chunked_backward=True)
     for s in range(0, n, step):
         e = min(n, s + step)
         with autocast:
-            out = vlm.completion_logprobs(model, vlm.slice_inputs(rollout.inputs, s, e), rollout.completion_ids[s:e],
-                                          mask[s:e], temperature=config["temperature"], with_entropy=want_entropy)
+            out = vlm.completion_logprobs(model, rollout.prompts, rollout.completion_ids[s:e], mask[s:e],
+                                          rollout.group_size, config["temperature"], with_entropy=want_entropy,
+                                          features=features, first_row=s)
         logp, entropy = out if want_entropy else (out, None)
         # mu = 1: the policy has not moved since sampling, so pi_old = pi_theta (detached).
         old = old_logp[s:e] if old_logp is not None else logp.detach()
@@ -273,6 +276,7 @@ def policy_update(model, optimizer, scheduler, rollout, advantages, old_logp, re
             stats["entropy"] = masked_aggregate(entropy, mask[s:e], "token")
         for k, v in stats.items():                                      # diagnostics: row-weighted means
             totals[k] = totals.get(k, 0.0) + v * ((e - s) / n)
+    features.backward()  # the chunks' summed gradient on the image features, through the vision tower once
     params = [p for p in model.parameters() if p.requires_grad]
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
     if not torch.isfinite(totals["grad_norm"]) or not torch.isfinite(totals["loss"]):
@@ -302,8 +306,8 @@ def grpo_step(model, ref_model, processor, optimizer, scheduler, records, images
     advantages = advantages.to(device)
     # 4. Reference (frozen stage start) and, for mu > 1, old-policy log-probs: no gradient.
     with timer.phase("logprobs"), torch.no_grad(), autocast:
-        lp = dict(temperature=config["temperature"], micro_batch=config["logp_micro_batch"])
-        args = (rollout.inputs, rollout.completion_ids, rollout.completion_mask)
+        lp = dict(group_size=g, temperature=config["temperature"], micro_batch=config["logp_micro_batch"])
+        args = (rollout.prompts, rollout.completion_ids, rollout.completion_mask)
         ref_logp = vlm.completion_logprobs(ref_model, *args, **lp) if ref_model is not None else None
         old_logp = vlm.completion_logprobs(model, *args, **lp) if config["mu"] > 1 else None
     # 5. mu optimizer updates on this batch. If every group has zero std, there is no signal.

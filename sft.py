@@ -33,47 +33,34 @@ TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template 
 # ---------------------------------------------------------------------------------------------
 # Batches: [pad][prompt incl. image tokens][target + end-of-turn], labels only on the target
 # ---------------------------------------------------------------------------------------------
-def assistant_suffix(processor, target: str) -> str:
-    """The text the assistant must produce after the generation prompt: the target as the chat
-    template renders it, cut right after the end-of-turn token (what follows it, e.g. a newline,
-    is never generated, so it is never trained)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(messages + [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
-                                         tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template's assistant turn does not extend its generation prompt")
-    suffix = full[len(prompt):]
-    eos = processor.tokenizer.eos_token
-    cut = suffix.find(eos, suffix.find(target) + len(target))
-    return suffix[:cut + len(eos)] if cut >= 0 else suffix + eos
-
-
 def build_sft_batch(processor, images: list, targets: list[str], padding_side: str = "left") -> dict:
-    """Model inputs with `labels`: -100 on padding, prompt and image tokens; the target's ids
-    (including its end-of-turn token) on the assistant's tokens.
+    """Model inputs with `labels`: -100 on padding, prompt and image tokens; the reply's ids
+    (the target, then the chat template's end-of-turn token) on the assistant's tokens.
 
-    Targets are tokenised on their own and appended after the prompt's tokens, exactly the
-    token boundary that generation sees. Left padding (default) puts every target at the end of
-    its row, so only the last (longest target + 1) positions need logits."""
-    prompt = vlm.chat_prompt(processor)
-    enc = processor(images=[[img] for img in images], text=[prompt] * len(images), return_tensors="pt", padding=True)
+    Each row is the chat template's own rendering of the conversation (prompt + reply, cut right
+    after the end-of-turn token), tokenised by the processor in one call, so every per-token
+    tensor it returns (token-type ids, multimodal token types) covers the whole row. The labelled
+    tail must be exactly the reply's own tokenisation: the tokens generation would produce after
+    the prompt. Left padding (default) puts every target at the end of its row, so only the last
+    (longest target + 1) positions need logits."""
     tok = processor.tokenizer
-    wrapper = assistant_suffix(processor, TARGET_SLOT)  # the template around a target is the same for all
-    rows = []
-    for i, target in enumerate(targets):
-        prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
-        target_ids = torch.tensor(tok(wrapper.replace(TARGET_SLOT, target), add_special_tokens=False)["input_ids"])
-        rows.append((torch.cat([prompt_ids, target_ids]), torch.cat([torch.full_like(prompt_ids, IGNORE), target_ids])))
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), tok.pad_token_id)
-    labels = torch.full((len(rows), length), IGNORE)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        sl = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
-        input_ids[i, sl], labels[i, sl], attention[i, sl] = ids, lab, 1
-    batch = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    batch.update(input_ids=input_ids, attention_mask=attention, labels=labels)
+    prompt = vlm.chat_prompt(processor)
+    wrapper = vlm.assistant_reply(processor, TARGET_SLOT)  # the template around a reply is the same for all
+    replies = [wrapper.replace(TARGET_SLOT, target) for target in targets]
+    side, tok.padding_side = tok.padding_side, padding_side
+    try:
+        batch = dict(vlm.tokenize_chat(processor, images, [prompt + reply for reply in replies]))
+    finally:
+        tok.padding_side = side
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    for i, reply in enumerate(replies):
+        reply_ids = torch.tensor(tok(reply, add_special_tokens=False)["input_ids"])
+        end = int(batch["attention_mask"][i].nonzero().max()) + 1  # one past the row's last real token
+        if not torch.equal(batch["input_ids"][i, end - len(reply_ids):end], reply_ids):
+            raise ValueError(f"target {i}: the prompt + reply text does not tokenise as prompt tokens + reply tokens "
+                             f"(a token spans the boundary); reply {reply[:60]!r}")
+        labels[i, end - len(reply_ids):end] = reply_ids
+    batch["labels"] = labels
     return batch
 
 

@@ -8,6 +8,8 @@ architecture). Each prompt holds exactly one image.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import random
 import shutil
@@ -81,12 +83,29 @@ def vision_parameters(model) -> list[torch.nn.Parameter]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts
+# Prompts and the chat template
 # ---------------------------------------------------------------------------------------------
+def user_turn(instruction: str = INSTRUCTION) -> list[dict]:
+    """The one user message of every prompt: one image, then the instruction."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
 def chat_prompt(processor, instruction: str = INSTRUCTION) -> str:
     """The user turn (one image + instruction) followed by the assistant's generation prompt."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(user_turn(instruction), add_generation_prompt=True, tokenize=False)
+
+
+def tokenize_chat(processor, images: list, texts: list[str]):
+    """processor(images, texts): one image per text, padded on the tokenizer's side.
+
+    Rendered chat text already holds every special token the template wants. A template that
+    writes the BOS itself (Gemma, Llama) would get a second one from the tokenizer, so special
+    tokens are added only when the text does not start with the BOS (what apply_chat_template
+    itself does when it tokenizes)."""
+    bos = processor.tokenizer.bos_token
+    add_special = not (bos and texts and all(t.startswith(bos) for t in texts))
+    return processor(images=[[img] for img in images], text=texts, return_tensors="pt", padding=True,
+                     add_special_tokens=add_special)
 
 
 def encode_prompts(processor, images: list, prompts: list[str] | str | None = None, device="cpu") -> dict:
@@ -95,16 +114,72 @@ def encode_prompts(processor, images: list, prompts: list[str] | str | None = No
         prompts = chat_prompt(processor)
     if isinstance(prompts, str):
         prompts = [prompts] * len(images)
-    inputs = processor(images=[[img] for img in images], text=prompts, return_tensors="pt", padding=True)
-    return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.to(device) for k, v in tokenize_chat(processor, images, prompts).items()}
+
+
+_PROBE_TARGET = "<think>probe</think><answer>awe</answer>"
+
+
+def assistant_reply(processor, target: str, instruction: str = INSTRUCTION) -> str:
+    """The text the assistant must generate after the generation prompt to reply `target`.
+
+    It is the chat template's own rendering of the conversation with that reply, minus the
+    generation prompt, cut right after the end-of-turn token: what follows (a newline, an EOS)
+    is never generated, so it is never trained. Raises ValueError when the template cannot
+    serve as one (a family that thinks for you, or a turn that is not prompt + reply)."""
+    prompt = chat_prompt(processor, instruction)
+    reply_turn = {"role": "assistant", "content": [{"type": "text", "text": target}]}
+    full = processor.apply_chat_template(user_turn(instruction) + [reply_turn], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template's assistant turn does not start with its own generation prompt "
+                         f"(prompt ends {prompt[-30:]!r}; the conversation continues {full[len(prompt) - 30:][:60]!r})")
+    reply = full[len(prompt):]
+    at = reply.find(target)
+    if at < 0:
+        raise ValueError(f"the chat template rewrites the assistant's reply (it renders {reply[:80]!r} for "
+                         f"{target[:40]!r}); templates that strip or move reasoning cannot train <think> targets")
+    eot = end_of_turn_token(processor, _rendered=(reply, at + len(target)))
+    return reply[:reply.find(eot, at + len(target)) + len(eot)]
+
+
+def end_of_turn_token(processor, _rendered: tuple[str, int] | None = None) -> str:
+    """The special token the chat template writes right after an assistant reply (<|im_end|>,
+    <end_of_turn>, <end_of_utterance>, </s>...): generation must stop on it, SFT must teach it."""
+    if _rendered is None:
+        prompt = chat_prompt(processor)
+        turn = {"role": "assistant", "content": [{"type": "text", "text": _PROBE_TARGET}]}
+        full = processor.apply_chat_template(user_turn() + [turn], tokenize=False)
+        reply = full[len(prompt):]
+        _rendered = (reply, reply.find(_PROBE_TARGET) + len(_PROBE_TARGET))
+    text, after = _rendered
+    tok = processor.tokenizer
+    specials = {t for t in tok.all_special_tokens} | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    found = [(text.find(t, after), t) for t in specials if t and text.find(t, after) >= 0]
+    if not found:
+        raise ValueError(f"the chat template ends an assistant reply with no special token ({text[after:][:40]!r}): "
+                         "there is no end-of-turn token for generation to stop on")
+    return min(found)[1]
+
+
+def check_chat_template(processor) -> None:
+    """Refuse, with the reason, a chat template this recipe cannot train through.
+
+    The generation prompt must not open the reasoning itself (templates of "thinking" models
+    append <think>): the policy must write <think> so the format reward sees what it produced.
+    The assistant turn must render a <think>/<answer> reply verbatim and end with a special token."""
+    prompt = chat_prompt(processor)
+    if prompt.rstrip().endswith("<think>"):
+        raise ValueError("the chat template opens <think> in the generation prompt (a thinking template); "
+                         "use the instruct variant's template, whose generation prompt leaves the reply to the model")
+    assistant_reply(processor, _PROBE_TARGET)
 
 
 def eos_token_ids(model, processor) -> list[int]:
-    """Token ids that end a completion (the chat template's end-of-turn and the model's EOS)."""
+    """Token ids that end a completion: the model's EOS ids and the chat template's end-of-turn token."""
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     tok = processor.tokenizer
-    for token in (tok.eos_token, "<end_of_utterance>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+    for token in (end_of_turn_token(processor), tok.eos_token):
         tid = tok.convert_tokens_to_ids(token) if token else None
         if tid is not None and tid != tok.unk_token_id and tid not in ids:
             ids.append(tid)
@@ -119,11 +194,130 @@ def blocked_token_ids(model, processor) -> list[int]:
     """
     keep = set(eos_token_ids(model, processor))
     blocked = set(processor.tokenizer.all_special_ids)
-    for attr in ("image_token_id", "fake_image_token_id", "video_token_id", "global_image_token_id"):
+    for attr in ("image_token_id", "fake_image_token_id", "video_token_id", "global_image_token_id",
+                 "image_start_token_id", "image_end_token_id", "boi_token_id", "eoi_token_id"):
         tid = getattr(processor, attr, None)
         if isinstance(tid, int):
             blocked.add(tid)
     return sorted(blocked - keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image features, computed once per pass and shared by the G completions of each prompt
+# ---------------------------------------------------------------------------------------------
+# The G completions of a prompt share its image. Repeating the image G times would run the
+# vision tower G times on the same pixels (and hold G copies of them). Instead the B images are
+# encoded once, and each completion row is given its prompt's features: transformers' VLMs take
+# precomputed features through `mm_encoder_outputs` (generate() does the same internally).
+@dataclass
+class ImageFeatures:
+    """The vision tower + projector output for B prompts (one image each)."""
+    output: object                   # what get_image_features returned: pooler_output (+ deepstack_features)
+    entries: list[list[int]]         # indices into pooler_output that belong to each prompt
+    detached: list | None = None     # (graph tensor, leaf) pairs when chunked_backward=True
+
+    def for_rows(self, prompt_of_row: list[int]) -> dict:
+        """`mm_encoder_outputs` for rows whose prompts are `prompt_of_row` (a prompt may repeat)."""
+        index = [i for p in prompt_of_row for i in self.entries[p]]
+        out = copy.copy(self.output)
+        out["pooler_output"] = _select(self.output["pooler_output"], index)
+        if out.get("deepstack_features") is not None:  # Qwen3-VL: per-layer features, laid out like pooler_output
+            out["deepstack_features"] = [_select(layer, index) for layer in self.output["deepstack_features"]]
+        return {"image": out}
+
+    def backward(self) -> None:
+        """With chunked_backward: send the gradient accumulated on the features by every chunk's
+        backward() through the vision tower, once (the chain rule, split at the features)."""
+        pairs = [(t, leaf.grad) for t, leaf in self.detached or [] if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def _select(pooled, index: list[int]):
+    if torch.is_tensor(pooled):
+        return pooled[torch.tensor(index, device=pooled.device)]
+    return [pooled[i] for i in index]
+
+
+def _map_feature_tensors(output, fn) -> None:
+    """Apply fn to every tensor of pooler_output / deepstack_features, in place."""
+    def apply(x):
+        return fn(x) if torch.is_tensor(x) else [apply(v) for v in x]
+    for key in ("pooler_output", "deepstack_features"):
+        if output.get(key) is not None:
+            output[key] = apply(output[key])
+
+
+def image_token_id(model) -> int:
+    return model.config.image_token_id
+
+
+def supports_shared_features(model) -> bool:
+    """Does the model accept precomputed image features (`mm_encoder_outputs`) in forward()?"""
+    return "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+
+
+def encode_images(model, prompts: dict, chunked_backward: bool = False) -> ImageFeatures:
+    """Run the vision tower once on the B prompts' images.
+
+    `chunked_backward`: the caller will run backward() once per micro-batch of completions. The
+    features are then handed out as detached leaves that collect those gradients, and
+    ImageFeatures.backward() sends their sum through the vision tower once at the end (the
+    graph of the vision pass cannot be backpropagated several times)."""
+    encoder = model.base_model.get_image_features
+    wanted = inspect.signature(encoder).parameters
+    output = encoder(**{k: v for k, v in prompts.items() if k in wanted}, return_dict=True)
+    per_prompt = (prompts["input_ids"] == image_token_id(model)).sum(dim=1).tolist()
+    entries = _entries_per_prompt([len(x) for x in output["pooler_output"]], per_prompt)
+    detached = None
+    if chunked_backward and torch.is_grad_enabled():
+        detached = []
+
+        def leaf(t):
+            if not t.requires_grad:
+                return t
+            d = t.detach().requires_grad_(True)
+            detached.append((t, d))
+            return d
+        _map_feature_tensors(output, leaf)
+    return ImageFeatures(output, entries, detached)
+
+
+def _entries_per_prompt(entry_tokens: list[int], prompt_tokens: list[int]) -> list[list[int]]:
+    """Group the vision output's entries (images, tiles or crops) by prompt, in order, so that
+    each prompt's entries hold exactly as many features as it has image placeholder tokens."""
+    groups, i = [], 0
+    for p, need in enumerate(prompt_tokens):
+        group, have = [], 0
+        while have < need and i < len(entry_tokens):
+            group.append(i)
+            have += entry_tokens[i]
+            i += 1
+        if have != need:
+            raise ValueError(f"prompt {p}: {need} image tokens, but the vision output gives {have} features")
+        groups.append(group)
+    if i != len(entry_tokens):
+        raise ValueError(f"the vision output has {len(entry_tokens) - i} entries that no prompt's image tokens use")
+    return groups
+
+
+def row_inputs(prompts: dict, prompt_of_row: list[int]) -> dict:
+    """The prompt tensors of each completion row (no pixels: rows get image features instead).
+
+    Every tensor with one row per prompt (input ids, masks, token-type ids, image grids, image
+    sizes) is indexed by the row's prompt; pixel tensors (any layout: per prompt, flattened
+    patches or tiles) are left out, they only feed the vision tower."""
+    b = prompts["input_ids"].shape[0]
+    index = torch.tensor(prompt_of_row, device=prompts["input_ids"].device)
+    out = {}
+    for key, value in prompts.items():
+        if key.startswith("pixel_"):
+            continue
+        if not (torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == b):
+            raise ValueError(f"prompt input {key!r} {tuple(getattr(value, 'shape', ()))} has no row per prompt "
+                             f"({b} prompts): cannot give it to the completion rows")
+        out[key] = value[index]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +339,8 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
 @dataclass
 class Rollout:
     """B prompts x G completions, flattened example-major to N = B*G rows (row i*G+g)."""
-    inputs: dict                   # prompt tensors, one row per completion
+    prompts: dict                  # the B prompts' tensors (one image each), as the processor made them
+    group_size: int                # G: rows i*G .. i*G+G-1 continue prompt i
     completion_ids: torch.Tensor   # [N, T]
     completion_mask: torch.Tensor  # [N, T] 1 up to and including the first EOS
     truncated: torch.Tensor        # [N] bool, no EOS within max_new_tokens
@@ -158,82 +353,65 @@ def sample_completions(model, processor, images: list, group_size: int = 1, max_
                        prompt: str | list[str] | None = None) -> Rollout:
     """Sample `group_size` completions for each image in ONE batched generate call.
 
-    Each example is repeated G times *before* preprocessing, so every row carries its own image.
+    The B prompts are preprocessed once; generate() encodes their images once and expands the
+    image features and the KV-cached prefill to G rows per prompt (num_return_sequences).
     `prompt`: one chat prompt for all images, one per image, or None for the standard one.
-    (Repeating an already flattened pixel tensor, as some GRPO code does, misaligns images and
-    prompts as soon as B > 1 for processors that flatten patches, e.g. Qwen2-VL.)
     Pure temperature sampling: top_k is disabled, so the sampling distribution is exactly
     softmax(logits / temperature), the one `completion_logprobs` scores.
     """
+    if group_size > 1 and not do_sample:
+        raise ValueError("greedy decoding gives one completion per prompt: use group_size=1")
     device = next(model.parameters()).device
-    repeated = [img for img in images for _ in range(group_size)]
-    if isinstance(prompt, list):
-        prompt = [p for p in prompt for _ in range(group_size)]
-    inputs = encode_prompts(processor, repeated, prompt, device)
+    prompts = encode_prompts(processor, images, prompt, device)
+    eos = eos_token_ids(model, processor)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                      suppress_tokens=blocked_token_ids(model, processor),
-                      eos_token_id=eos_token_ids(model, processor), pad_token_id=processor.tokenizer.pad_token_id)
+                      num_return_sequences=group_size, suppress_tokens=blocked_token_ids(model, processor),
+                      eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
-    sequences = model.generate(**inputs, **gen_kwargs)
+    sequences = model.generate(**prompts, **gen_kwargs)
     model.train(was_training)
-    completion_ids = sequences[:, inputs["input_ids"].shape[1]:]
-    mask, truncated = completion_mask_from_ids(completion_ids, gen_kwargs["eos_token_id"])
-    texts = processor.tokenizer.batch_decode(completion_ids * mask + processor.tokenizer.pad_token_id * (1 - mask),
-                                             skip_special_tokens=True)
-    return Rollout(inputs, completion_ids, mask, truncated, texts)
+    completion_ids = sequences[:, prompts["input_ids"].shape[1]:]
+    mask, truncated = completion_mask_from_ids(completion_ids, eos)
+    pad = processor.tokenizer.pad_token_id
+    texts = processor.tokenizer.batch_decode(completion_ids * mask + pad * (1 - mask), skip_special_tokens=True)
+    return Rollout(prompts, group_size, completion_ids, mask, truncated, texts)
 
 
 # ---------------------------------------------------------------------------------------------
 # Log-probs
 # ---------------------------------------------------------------------------------------------
-def slice_inputs(inputs: dict, start: int, end: int) -> dict:
-    """Rows [start, end) of a batch of prompt tensors.
-
-    Per-example tensors are sliced on dim 0. Processors that flatten all image patches into one
-    tensor (Qwen2-VL's pixel_values [sum of patches, D] + image_grid_thw [N, 3]) are sliced by
-    each example's patch count, one image per example."""
-    out = {}
-    n = inputs["input_ids"].shape[0]
-    for key, value in inputs.items():
-        if key == "pixel_values" and "image_grid_thw" in inputs:
-            counts = inputs["image_grid_thw"].prod(dim=-1)
-            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).tolist()
-            out[key] = value[offsets[start]:offsets[end]]
-        elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-            out[key] = value[start:end]
-        else:
-            out[key] = value
-    return out
-
-
-def _forward_completion_logits(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor):
+def _forward_completion_logits(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                               image_features: dict):
     """Logits that predict each completion token: [N, T, V]."""
     n, t = completion_ids.shape
     batch = dict(inputs)
     prompt_len = inputs["input_ids"].shape[1]
     batch["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)
     batch["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.to(inputs["attention_mask"].dtype)], dim=1)
-    # Every other per-token input must grow with the completion too (e.g. token-type ids).
+    # Every other per-token input must grow with the completion too (token-type ids: 0 = text).
     for key, value in inputs.items():
         if key not in ("input_ids", "attention_mask") and torch.is_tensor(value) and value.shape[:2] == (n, prompt_len):
             batch[key] = torch.cat([value, value.new_zeros(n, t)], dim=1)
     if not uses_mrope(model):
         batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     # Only the last T+1 positions' logits are needed; position P-1+j predicts completion token j.
-    logits = model(**batch, use_cache=False, logits_to_keep=t + 1).logits
+    logits = model(**batch, mm_encoder_outputs=image_features, use_cache=False, logits_to_keep=t + 1).logits
     return logits[:, :-1, :]
 
 
-def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                        temperature: float = 1.0, micro_batch: int | None = None,
-                        with_entropy: bool = False):
+def completion_logprobs(model, prompts: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                        group_size: int = 1, temperature: float = 1.0, micro_batch: int | None = None,
+                        with_entropy: bool = False, features: ImageFeatures | None = None, first_row: int = 0):
     """Per-token log pi(o_t | q, o_<t) of given completions, [N, T] (and entropy [N, T]).
 
+    Row r continues prompt r // group_size; `first_row` > 0 when the completions are a slice
+    (rows first_row..) of a rollout. The prompts' images are encoded once (or pass
+    `features` from encode_images) and shared by all rows, whatever the micro-batch.
     log-probs use softmax(logits / temperature), the distribution the tokens were sampled from.
     log p(token) = logit(token) - logsumexp(logits): this avoids materialising a full
     [N, T, V] log-softmax in the autograd graph. Entropy (a diagnostic) is computed without grad.
@@ -241,11 +419,15 @@ def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, compl
     reference / old policy; for training, micro-batch in the loop so each chunk can backward).
     """
     n = completion_ids.shape[0]
+    if features is None:
+        features = encode_images(model, prompts)
     step = micro_batch or n
     logps, entropies = [], []
     for s in range(0, n, step):
         e = min(n, s + step)
-        logits = _forward_completion_logits(model, slice_inputs(inputs, s, e), completion_ids[s:e], completion_mask[s:e])
+        rows = [r // group_size for r in range(first_row + s, first_row + e)]
+        logits = _forward_completion_logits(model, row_inputs(prompts, rows), completion_ids[s:e],
+                                            completion_mask[s:e], features.for_rows(rows))
         logits = logits.float() / temperature
         ids = completion_ids[s:e].unsqueeze(-1)
         logps.append((logits.gather(-1, ids).squeeze(-1) - torch.logsumexp(logits, dim=-1)))
@@ -255,7 +437,6 @@ def completion_logprobs(model, inputs: dict, completion_ids: torch.Tensor, compl
                 entropies.append(-(logp_all.exp() * logp_all).sum(-1))
     logp = torch.cat(logps)
     return (logp, torch.cat(entropies)) if with_entropy else logp
-
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints

@@ -48,7 +48,7 @@ def test_sampling_never_emits_blocked_tokens(tiny, images):
     assert processor.image_token_id in blocked.tolist()
     kept = rollout.completion_ids[rollout.completion_mask.bool()]
     assert not torch.isin(kept, blocked).any()
-    assert rollout.completion_ids.shape[0] == 12 and rollout.inputs["input_ids"].shape[0] == 12
+    assert rollout.completion_ids.shape[0] == 12 and rollout.prompts["input_ids"].shape[0] == 3  # one row per prompt
 
 
 def test_logprobs_equal_log_softmax_of_raw_generation_logits(tiny, images):
@@ -75,32 +75,42 @@ def test_logprobs_same_alone_and_in_a_left_padded_batch(tiny, images):
     prompts = [vlm.chat_prompt(processor), vlm.chat_prompt(processor, "Emotion?"), vlm.chat_prompt(processor, "Which emotion, in one word?")]
     group = 2
     torch.manual_seed(2)
-    rows_img = [img for img in images for _ in range(group)]
-    rows_prompt = [p for p in prompts for _ in range(group)]
-    batch = vlm.encode_prompts(processor, rows_img, rows_prompt)
+    batch = vlm.encode_prompts(processor, images, prompts)
     assert (batch["attention_mask"] == 0).any()  # really left-padded
-    completion = torch.randint(10, 300, (len(rows_img), 9))
+    completion = torch.randint(10, 300, (len(images) * group, 9))
     completion[0, 5] = vlm.eos_token_ids(model, processor)[0]
     mask, _ = vlm.completion_mask_from_ids(completion, vlm.eos_token_ids(model, processor))
     with torch.no_grad():
-        batched = vlm.completion_logprobs(model, batch, completion, mask, micro_batch=4)
-        for i in range(len(rows_img)):
-            alone_inputs = vlm.encode_prompts(processor, [rows_img[i]], [rows_prompt[i]])
+        full = vlm.completion_logprobs(model, batch, completion, mask, group_size=group)
+        batched = vlm.completion_logprobs(model, batch, completion, mask, group_size=group, micro_batch=4)
+        assert (full - batched)[mask.bool()].abs().max().item() < 1e-5
+        for i in range(len(completion)):
+            alone_inputs = vlm.encode_prompts(processor, [images[i // group]], [prompts[i // group]])
             alone = vlm.completion_logprobs(model, alone_inputs, completion[i:i + 1], mask[i:i + 1])
-            assert (alone - batched[i:i + 1])[mask[i:i + 1].bool()].abs().max().item() < 1e-4
+            assert (alone - batched[i:i + 1])[mask[i:i + 1].bool()].abs().max().item() < 1e-5
         # and the images matter: the same tokens under another row's image score differently
-        swapped = vlm.encode_prompts(processor, [rows_img[2]], [rows_prompt[0]])
+        swapped = vlm.encode_prompts(processor, [images[1]], [prompts[0]])
         other = vlm.completion_logprobs(model, swapped, completion[:1], mask[:1])
         assert (other - batched[:1]).abs().max().item() > 1e-4
 
 
-def test_slice_inputs_handles_flattened_patches():
-    # Qwen2-VL style: pixel_values [sum of patches, D], image_grid_thw [N, 3]
-    inputs = {"input_ids": torch.zeros(3, 5), "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 4], [1, 2, 2]]),
-              "pixel_values": torch.arange(16).float().unsqueeze(1)}
-    part = vlm.slice_inputs(inputs, 1, 3)
-    assert part["pixel_values"].squeeze(1).tolist() == list(range(4, 16))
-    assert part["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
+def test_entries_per_prompt_groups_vision_outputs_by_placeholder_count():
+    # e.g. tiles: prompt 0 has 2 tiles of 4 tokens, prompt 1 one image of 6 tokens, prompt 2 one of 4
+    assert vlm._entries_per_prompt([4, 4, 6, 4], [8, 6, 4]) == [[0, 1], [2], [3]]
+    with pytest.raises(ValueError, match="prompt 1"):
+        vlm._entries_per_prompt([4, 4, 6], [8, 5])
+    with pytest.raises(ValueError, match="no prompt"):
+        vlm._entries_per_prompt([4, 4, 6], [8])
+
+
+def test_row_inputs_index_prompt_tensors_and_leave_pixels_out():
+    prompts = {"input_ids": torch.tensor([[1, 2], [3, 4]]), "image_grid_thw": torch.tensor([[1, 2, 2], [1, 4, 2]]),
+               "pixel_values": torch.zeros(16, 3)}
+    rows = vlm.row_inputs(prompts, [0, 0, 1])
+    assert rows["input_ids"].tolist() == [[1, 2], [1, 2], [3, 4]] and "pixel_values" not in rows
+    assert rows["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2], [1, 4, 2]]
+    with pytest.raises(ValueError, match="num_tiles"):
+        vlm.row_inputs({**prompts, "num_tiles": torch.tensor([1, 2, 3])}, [0])
 
 
 def test_save_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
@@ -122,3 +132,13 @@ def test_save_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left
     reloaded, _ = vlm.load_model(out)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_vision_once_per_pass_equals_repeated_images(tiny, images):
+    from vision_checks import check_shared_features, vision_rows
+
+    model, processor = tiny
+    check_shared_features(model, processor, images[:2], group_size=3)
+    torch.manual_seed(0)
+    sampled = vision_rows(model, lambda: vlm.sample_completions(model, processor, images[:2], group_size=3, max_new_tokens=4))
+    assert sampled == 2  # generation encodes the 2 images once for the 6 rows
