@@ -83,6 +83,94 @@ def vision_parameters(model) -> list[torch.nn.Parameter]:
 
 
 # ---------------------------------------------------------------------------------------------
+# What differs between model families, in one place
+# ---------------------------------------------------------------------------------------------
+# Everything else is read off the checkpoint: the end-of-turn token from the chat template
+# (end_of_turn_token), per-token tensors by their shape, each prompt's share of the vision
+# output by counting its image tokens (encode_images). What cannot be read off is how to bound
+# the number of image tokens: each image processor has its own knob. The other columns are
+# documentation, checked by the family tests.
+@dataclass(frozen=True)
+class Family:
+    end_of_turn: str            # the token generation stops on (detected from the template; tested)
+    per_token: tuple            # per-token tensors the processor returns besides input_ids/attention_mask
+    pixels: str                 # how the processor lays out pixel tensors for one image per prompt
+    knob: str                   # the image processor setting --max-image-tokens sets
+
+
+FAMILIES = {
+    "idefics3": Family("<end_of_utterance>", (), "[B, crops, 3, H, W] + pixel_attention_mask",
+                       "size longest_edge (crops of max_image_size) / image splitting"),
+    "smolvlm": Family("<end_of_utterance>", (), "[B, crops, 3, H, W] + pixel_attention_mask",
+                      "size longest_edge (crops of max_image_size) / image splitting"),
+    "qwen2_vl": Family("<|im_end|>", ("mm_token_type_ids",), "[sum of patches, C*T*P*P] + image_grid_thw [B, 3]",
+                       "max_pixels (size longest_edge)"),
+    "qwen2_5_vl": Family("<|im_end|>", ("mm_token_type_ids",), "[sum of patches, C*T*P*P] + image_grid_thw [B, 3]",
+                         "max_pixels (size longest_edge)"),
+    "qwen3_vl": Family("<|im_end|>", ("mm_token_type_ids",), "[sum of patches, C*T*P*P] + image_grid_thw [B, 3]",
+                       "max_pixels (size longest_edge)"),
+    "internvl": Family("<|im_end|>", (), "[sum of tiles, 3, H, W] (tiles per image: count its image tokens)",
+                       "max_patches (tiles; a thumbnail is added when there are several)"),
+    "gemma3": Family("<end_of_turn>", ("token_type_ids",), "[B, 3, H, W] (fixed 256 tokens per image)",
+                     "none: a fixed number of tokens per image (pan-and-scan off)"),
+    "llava_next": Family("</s>", (), "[B, tiles, 3, H, W] + image_sizes [B, 2]", "image_grid_pinpoints"),
+    "llava_onevision": Family("<|im_end|>", (), "[B, tiles, 3, H, W] + image_sizes [B, 2]", "image_grid_pinpoints"),
+}
+
+
+def set_image_token_budget(processor, model_type: str, max_tokens: int) -> str:
+    """Bound the image tokens of one image by `max_tokens` through the family's own knob.
+    Returns what was set (for the log). Raises when the family cannot go that low."""
+    ip = processor.image_processor
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        # one token per merge x merge block of patch x patch pixels
+        max_pixels = max_tokens * (ip.patch_size * ip.merge_size) ** 2
+        ip.size = {**ip.size, "longest_edge": max_pixels,
+                   "shortest_edge": min(ip.size.get("shortest_edge", max_pixels), max_pixels)}
+        if hasattr(ip, "max_pixels"):
+            ip.max_pixels = max_pixels
+        return f"max_pixels={max_pixels}"
+    if model_type in ("idefics3", "smolvlm"):
+        per_crop, crop = processor.image_seq_len, ip.max_image_size["longest_edge"]
+        k = 0  # k x k crops of `crop` px plus the downscaled global image: (k*k + 1) * per_crop tokens
+        while ((k + 1) ** 2 + 1) * per_crop <= max_tokens:
+            k += 1
+        _at_least(max_tokens, per_crop, model_type)
+        ip.do_image_splitting = k > 0
+        ip.size = {"longest_edge": max(1, k) * crop}
+        return f"longest_edge={ip.size['longest_edge']}, image splitting {'on' if k else 'off'}"
+    if model_type == "internvl":
+        per_tile = processor.image_seq_length
+        _at_least(max_tokens, per_tile, model_type)
+        tiles = max_tokens // per_tile - 1  # with several tiles a thumbnail tile is added
+        ip.crop_to_patches = tiles >= 2
+        ip.max_patches = max(1, tiles)
+        ip.min_patches = min(getattr(ip, "min_patches", 1), ip.max_patches)
+        return f"max_patches={ip.max_patches}, crop_to_patches={ip.crop_to_patches}"
+    if model_type == "gemma3":
+        _at_least(max_tokens, processor.image_seq_length, model_type)
+        ip.do_pan_and_scan = False
+        return f"fixed {processor.image_seq_length} tokens per image"
+    if model_type in ("llava_next", "llava_onevision"):
+        # tokens of a grid pinpoint (h, w) <= (h/p)(w/p) tile features + h/p row ends + the base image's (s/p)^2
+        p = processor.patch_size
+        s = min(min(pp) for pp in ip.image_grid_pinpoints)
+        fits = [pp for pp in ip.image_grid_pinpoints if (pp[0] // p) * (pp[1] // p) + pp[0] // p + (s // p) ** 2 + 1 <= max_tokens]
+        if not fits:
+            raise ValueError(f"{model_type}: --max-image-tokens {max_tokens} is below the smallest grid "
+                             f"{[s, s]} ({2 * (s // p) ** 2 + s // p + 1} tokens)")
+        ip.image_grid_pinpoints = fits
+        return f"image_grid_pinpoints={fits}"
+    raise ValueError(f"--max-image-tokens: no known image-token knob for model type {model_type!r}; "
+                     f"known: {sorted(FAMILIES)}")
+
+
+def _at_least(max_tokens: int, minimum: int, model_type: str) -> None:
+    if max_tokens < minimum:
+        raise ValueError(f"{model_type}: --max-image-tokens {max_tokens} is below one image's {minimum} tokens")
+
+
+# ---------------------------------------------------------------------------------------------
 # Prompts and the chat template
 # ---------------------------------------------------------------------------------------------
 def user_turn(instruction: str = INSTRUCTION) -> list[dict]:
