@@ -19,7 +19,22 @@ tokens the processor puts in the prompt for one 64x64 image / one 96x64 image):
 
 | family          | parameters | image tokens 64x64 | 96x64 | build s |
 | --------------- | ---------- | ------------------ | ----- | ------- |
-TABLE_ROWS
+| idefics3        |    133,056 |                 20 |    20 |     0.1 |
+| smolvlm2        |    133,120 |                 20 |    20 |     0.1 |
+| qwen2_vl        |    153,632 |                 16 |    24 |     0.1 |
+| qwen2_5_vl      |    166,240 |                 16 |    24 |     0.1 |
+| qwen3_vl        |    187,552 |                 16 |    24 |     0.1 |
+| internvl        |    136,544 |                 20 |    20 |     0.1 |
+| gemma3          |    125,088 |                  4 |     4 |     0.1 |
+| llava_next      |    188,544 |                 24 |    14 |     0.2 |
+| llava_onevision |    147,072 |                 24 |    14 |     0.1 |
+
+(The first build of a process also pays ~3 s of imports.) Image-token knobs, tiny value -> real:
+Idefics3/SmolVLM `size.longest_edge` (64; real 2048 / 1536) with 32 px tiles (`max_image_size`);
+Qwen `size.longest_edge` = max_pixels (128*128; real 12845056 / 16777216); InternVL
+`max_patches` (4; real 12) with crop_to_patches (InternVLProcessor default on); LLaVA-NeXT /
+OneVision `image_grid_pinpoints` (crops of 32 px; real 336 / 384 px); Gemma 3 none (fixed
+`mm_tokens_per_image`, pan & scan off).
 """
 
 from __future__ import annotations
@@ -278,6 +293,7 @@ LLAVA_NEXT_TEMPLATE = (
 # llava-hf/llava-onevision-qwen2-0.5b-ov-hf. Source: transformers
 # models/llava_onevision/convert_llava_onevision_weights_to_hf.py (`chat_template`). Images are
 # rendered before the text whatever their order; assistant text is wrapped in {% generation %}.
+# Saved as chat_template.json it is 824 bytes, the size the hub lists for that checkpoint's file.
 LLAVA_ONEVISION_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}{# Render all images first #}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
