@@ -13,8 +13,8 @@ from PIL import Image
 import vlm
 from tiny_families import FAMILY_NAMES, HAS_VIDEO_PROCESSOR, QWEN3_VL_TEMPLATE, QWEN3_VL_TEMPLATE_SHA256
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
-                                reason="these tests check loading without torchvision")
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+no_torchvision = pytest.mark.skipif(HAS_TORCHVISION, reason="checks the image-only load without torchvision")
 
 # What the template puts for one image, and how the generation prompt ends (checked on the render).
 IMAGE_MARK = {"idefics3": "<image>", "smolvlm2": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
@@ -54,7 +54,7 @@ def test_family_loads_without_torchvision_and_says_so_once(name, tiny_family_dir
     capsys.readouterr()
     model, processor = vlm.load_model(folder)
     lines = [line for line in capsys.readouterr().out.splitlines() if "torchvision not installed" in line]
-    if name in HAS_VIDEO_PROCESSOR:
+    if name in HAS_VIDEO_PROCESSOR and not HAS_TORCHVISION:
         assert lines == [f"clgrpo: {folder}: torchvision not installed, loaded the {type(processor).__name__} "
                          f"processor image-only (no video)"]
         assert isinstance(processor.video_processor, vlm.MissingVideoProcessor)
@@ -91,6 +91,34 @@ def test_forward_on_two_images_of_different_sizes(name, loaded):
     assert torch.isfinite(logits).all()
 
 
+def to_hub_layout(folder, fast_image_processor):
+    """Rewrite a folder the way the hub checkpoints (saved by transformers 4.x) are laid out:
+    preprocessor_config.json naming the *Fast* (torchvision) image processor, chat_template.json."""
+    saved = json.loads((folder / "processor_config.json").read_text())
+    image = saved.pop("image_processor") | {"image_processor_type": fast_image_processor,
+                                            "processor_class": saved["processor_class"]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(image))
+    (folder / "processor_config.json").write_text(json.dumps(saved))
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (folder / "chat_template.jinja").unlink()
+    return template
+
+
+@no_torchvision
+@pytest.mark.parametrize("name,fast", [("qwen3_vl", "Qwen2VLImageProcessorFast"),
+                                       ("internvl", "GotOcr2ImageProcessorFast")])
+def test_hub_layout_loads_image_only_with_the_pil_image_processor(name, fast, tiny_family_dir, tmp_path, capsys):
+    folder = shutil.copytree(tiny_family_dir(name), tmp_path / name)
+    template = to_hub_layout(folder, fast)
+    _, processor = vlm.load_model(folder)
+    assert capsys.readouterr().out.count("torchvision not installed") == 1
+    assert type(processor.image_processor).__name__ == fast.replace("Fast", "Pil")
+    assert processor.chat_template == template
+    if name == "internvl":  # processor-level settings survive the rebuild
+        assert processor.image_seq_length == 4
+
+
 def test_qwen3_vl_template_is_the_pinned_one():
     assert hashlib.sha256(QWEN3_VL_TEMPLATE.encode()).hexdigest() == QWEN3_VL_TEMPLATE_SHA256
 
@@ -115,6 +143,7 @@ def test_text_only_folder_fails_at_load_naming_it(tiny_family_dir, tmp_path):
         vlm.load_processor(folder)  # its tokenizer_config.json still names Idefics3Processor
 
 
+@no_torchvision
 def test_other_processor_errors_are_not_taken_for_missing_torchvision(tiny_family_dir, tmp_path):
     folder = shutil.copytree(tiny_family_dir("qwen2_vl"), tmp_path / "broken")
     (folder / "processor_config.json").write_text("{ not json")
