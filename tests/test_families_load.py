@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import vlm
-from tiny_families import FAMILY_NAMES, HAS_VIDEO_PROCESSOR, QWEN3_VL_TEMPLATE, QWEN3_VL_TEMPLATE_SHA256
+from tiny_families import FAMILY_NAMES, HAS_VIDEO_PROCESSOR, IMAGE_TOKEN, QWEN3_VL_TEMPLATE, QWEN3_VL_TEMPLATE_SHA256
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 no_torchvision = pytest.mark.skipif(HAS_TORCHVISION, reason="checks the image-only load without torchvision")
@@ -61,6 +61,8 @@ def test_family_loads_without_torchvision_and_says_so_once(name, tiny_family_dir
     else:
         assert lines == []
     assert processor.tokenizer.padding_side == "left"
+    tok = processor.tokenizer  # the image placeholder is special, as in the real tokenizer
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN[name]) in tok.all_special_ids
     assert type(model).__name__ == json.loads((folder / "config.json").read_text())["architectures"][0]
     assert type(processor).__name__ == json.loads((folder / "processor_config.json").read_text())["processor_class"]
 

@@ -317,8 +317,12 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_st
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_ROLES = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")  # Qwen has no BOS token
+QWEN_LISTED = QWEN_SPECIALS[1:]  # additional_special_tokens of the Qwen2-VL / 2.5-VL / 3-VL tokenizers
+SMOLVLM_LISTED = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 INTERNVL_SPECIALS = QWEN_SPECIALS + ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
                                      "<box>", "</box>", "<video>"]
+INTERNVL_LISTED = QWEN_LISTED + ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+                                  "</box>"]  # the -hf conversion adds these to Qwen2.5-VL's list
 INTERNVL_EXTRA = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                   "video_token": "<video>"}
 GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
@@ -348,12 +352,15 @@ TILE = 32  # px: the vision tower's input size for the tiling families
 PATCH = 8
 
 
-def family_tokenizer(specials: list[str], bos_first: str | None = None, **kwargs):
+def family_tokenizer(specials: list[str], bos_first: str | None = None, listed: list[str] = (), **kwargs):
     """Tiny BPE with the family's special tokens first; `bos_first` makes every encoding start with
-    that token, as the Llama/Mistral and Gemma tokenizers do (add_bos_token=True)."""
+    that token, as the Llama/Mistral and Gemma tokenizers do (add_bos_token=True); `listed` are the
+    real tokenizer's additional special tokens (in all_special_ids: skipped when decoding)."""
     from tokenizers import processors
 
     tok = toy.build_tiny_tokenizer(vocab_size=640, special_tokens=specials, **kwargs)
+    if listed:
+        tok.add_special_tokens({"extra_special_tokens": list(listed)}, replace_extra_special_tokens=False)
     if bos_first:
         bos_id = tok.convert_tokens_to_ids(bos_first)
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
@@ -379,7 +386,7 @@ def build_idefics3():
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tok = family_tokenizer(SMOLVLM_SPECIALS, **SMOLVLM_ROLES)
+    tok = family_tokenizer(SMOLVLM_SPECIALS, listed=SMOLVLM_LISTED, **SMOLVLM_ROLES)
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 2 * TILE},
                                                 max_image_size={"longest_edge": TILE})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=(TILE // PATCH) ** 2 // 4,
@@ -396,7 +403,7 @@ def build_smolvlm2():
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-    tok = family_tokenizer(SMOLVLM_SPECIALS + ["<video>"], **SMOLVLM_ROLES)
+    tok = family_tokenizer(SMOLVLM_SPECIALS + ["<video>"], listed=SMOLVLM_LISTED, **SMOLVLM_ROLES)
     image_processor = SmolVLMImageProcessorPil(do_image_splitting=True, size={"longest_edge": 2 * TILE},
                                                max_image_size={"longest_edge": TILE})
     processor = image_only_class(SmolVLMProcessor)(image_processor=image_processor, tokenizer=tok,
@@ -440,7 +447,7 @@ def build_qwen2_vl():
     -> 16 tokens."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    tok = family_tokenizer(QWEN_SPECIALS, **QWEN_ROLES)
+    tok = family_tokenizer(QWEN_SPECIALS, listed=QWEN_LISTED, **QWEN_ROLES)
     processor = image_only_class(Qwen2VLProcessor)(image_processor=_qwen_image_processor(), tokenizer=tok,
                                  chat_template=QWEN2_VL_TEMPLATE)
     config = Qwen2VLConfig(text_config=_qwen_text(tok, [2, 3, 3]), **_qwen_vision_ids(tok), tie_word_embeddings=True,
@@ -454,7 +461,7 @@ def build_qwen2_5_vl():
     Tiny: 2 blocks, block 1 full, window 32 px = 2x2 merged units."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    tok = family_tokenizer(QWEN_SPECIALS, **QWEN_ROLES)
+    tok = family_tokenizer(QWEN_SPECIALS, listed=QWEN_LISTED, **QWEN_ROLES)
     processor = image_only_class(Qwen2_5_VLProcessor)(image_processor=_qwen_image_processor(), tokenizer=tok,
                                     chat_template=QWEN2_5_VL_TEMPLATE)
     config = Qwen2_5_VLConfig(text_config=_qwen_text(tok, [2, 3, 3]), **_qwen_vision_ids(tok), tie_word_embeddings=True,
@@ -469,7 +476,7 @@ def build_qwen3_vl():
     features from intermediate vision layers, interleaved M-RoPE. Tiny: patch 8, 4x4 position grid."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
-    tok = family_tokenizer(QWEN_SPECIALS, **QWEN_ROLES)
+    tok = family_tokenizer(QWEN_SPECIALS, listed=QWEN_LISTED, **QWEN_ROLES)
     processor = image_only_class(Qwen3VLProcessor)(image_processor=_qwen_image_processor(image_mean=[0.5] * 3, image_std=[0.5] * 3),
                                  tokenizer=tok, chat_template=QWEN3_VL_TEMPLATE)
     text = _qwen_text(tok, [4, 2, 2], mrope_interleaved=True) | dict(head_dim=TEXT["hidden_size"] // TEXT["num_attention_heads"])
@@ -487,7 +494,7 @@ def build_internvl():
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    tok = family_tokenizer(INTERNVL_SPECIALS, extra_special_tokens=INTERNVL_EXTRA, **QWEN_ROLES)
+    tok = family_tokenizer(INTERNVL_SPECIALS, listed=INTERNVL_LISTED, extra_special_tokens=INTERNVL_EXTRA, **QWEN_ROLES)
     image_processor = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=False,
                                                min_patches=1, max_patches=4)
     processor = image_only_class(InternVLProcessor)(image_processor=image_processor, tokenizer=tok,
@@ -557,8 +564,8 @@ def build_llava_onevision():
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-    tok = family_tokenizer(ONEVISION_SPECIALS, extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-                           **QWEN_ROLES)
+    tok = family_tokenizer(ONEVISION_SPECIALS, listed=["<|im_start|>", "<|im_end|>"],
+                           extra_special_tokens={"image_token": "<image>", "video_token": "<video>"}, **QWEN_ROLES)
     pinpoints = [[TILE * i, TILE * j] for i in (1, 2) for j in (1, 2)]
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=pinpoints)
     processor = image_only_class(LlavaOnevisionProcessor)(image_processor=image_processor, tokenizer=tok,
