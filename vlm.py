@@ -39,7 +39,6 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
     `load_processor`). A folder that cannot serve as an image-text-to-text chat model fails here
     with a message naming the folder and the reason.
     """
-    from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
