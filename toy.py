@@ -293,7 +293,14 @@ def tokenizer_corpus() -> list[str]:
     return corpus * 4
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):
+def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list[str] | None = None, corpus: list[str] | None = None,
+                         **token_kwargs):
+    """A byte-level BPE tokenizer trained on the toy corpus, wrapped as a transformers fast tokenizer.
+
+    Defaults build the tiny Idefics3 model's tokenizer. `special_tokens` (trained in first, so they
+    get the lowest ids) and `token_kwargs` (bos_token=..., eos_token=..., pad_token=...,
+    extra_special_tokens=...) let tests/tiny_families.py build other families' tokenizers.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -301,11 +308,12 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                                   pad_token="<pad>", padding_side="left")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens or SPECIAL_TOKENS,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus or tokenizer_corpus(), trainer)
+    if not token_kwargs:
+        token_kwargs = dict(bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **token_kwargs)
     fast.add_tokens(TAG_TOKENS)
     return fast
 

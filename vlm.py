@@ -37,20 +37,177 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
 
     The tokenizer's padding side is set to *left* after loading (it is not reliably saved):
     batched generation appends new tokens on the right, so prompts must end at the same column.
+    Without torchvision, a processor that has a video processor is loaded image-only (see
+    `load_processor`). A folder that cannot serve as an image-text-to-text chat model fails here
+    with a message naming the folder and the reason.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     path = resolve_model_path(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    processor.tokenizer.padding_side = "left"
+    model_class = check_image_text_to_text(path)
+    processor = load_processor(path)
+    model = model_class.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    if not hasattr(model, "generate"):
+        raise ValueError(f"{path}: {type(model).__name__} cannot generate text")
     model.to(resolve_device(device))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is useless (and wasteful) in a checkpointed forward
     return model, processor
+
+
+def check_image_text_to_text(path: Path):
+    """The model class AutoModelForImageTextToText maps the folder's config to, or a clear error."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise ValueError(f"{path}: config.json cannot be read by this transformers version ({err})") from None
+    mapping = AutoModelForImageTextToText._model_mapping
+    if type(config) not in mapping:
+        raise ValueError(f"{path}: model type {config.model_type!r} is not an image-text-to-text model "
+                         f"(AutoModelForImageTextToText has no class for {type(config).__name__})")
+    return mapping[type(config)]
+
+
+def load_processor(path: str | os.PathLike):
+    """The folder's processor, with left padding and a chat template, or a clear error.
+
+    `AutoProcessor` builds a processor with a video processor only when torchvision imports.
+    Without it (CPU machines here: the index's torchvision is a CUDA build), such a processor is
+    rebuilt image-only from the folder's image processor (the PIL one), tokenizer and chat
+    template, and one line says so. With torchvision installed nothing changes.
+    """
+    from transformers import AutoProcessor, ProcessorMixin
+
+    path = Path(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as err:
+        if needs_missing_torchvision(path):  # an ImportError, or an OSError when no video config is saved
+            processor = image_only_processor(path)
+            print(f"clgrpo: {path}: torchvision not installed, loaded the {type(processor).__name__} processor "
+                  f"image-only (no video)")
+        elif isinstance(err, ImportError):  # e.g. SmolVLM's processor needs the num2words package
+            raise ImportError(f"{path}: its processor needs a package that is not installed: {err}") from None
+        elif isinstance(err, OSError):  # a processor part's files are missing
+            raise ValueError(f"{path}: the processor cannot be loaded: {err}") from None
+        else:
+            raise
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise ValueError(f"{path}: {type(processor).__name__} is not an image-text processor "
+                         f"(an image-text-to-text model folder needs an image processor and a tokenizer)")
+    if not processor.chat_template and not getattr(processor.tokenizer, "chat_template", None):
+        raise ValueError(f"{path}: the processor has no chat template (no chat_template.jinja, chat_template.json "
+                         f"or tokenizer chat_template): a base, non-chat checkpoint cannot be prompted here; "
+                         f"add the family's chat template to the folder")
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def processor_class_name(path: Path) -> str | None:
+    """`processor_class` as the folder's processor_config.json (or preprocessor_config.json) records it."""
+    import json
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            try:
+                cls = json.loads(file.read_text()).get("processor_class")
+            except (ValueError, AttributeError):
+                return None  # unreadable: AutoProcessor's own error is the one to show
+            if cls:
+                return cls
+    return None
+
+
+def needs_missing_torchvision(path: Path) -> bool:
+    """True when the folder's processor has a video processor and torchvision is not installed.
+
+    Called only after AutoProcessor failed. Precise on purpose: torchvision must really be
+    missing and the folder's processor class must take a `video_processor` argument; any other
+    failure is re-raised untouched."""
+    import importlib.util
+    import inspect
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return False
+    cls = getattr(transformers, processor_class_name(path) or "", None)
+    return cls is not None and "video_processor" in inspect.signature(cls.__init__).parameters
+
+
+class MissingVideoProcessor:
+    """Stands in for the video processor of an image-only processor.
+
+    Some processors read video defaults even for image prompts (SmolVLM's apply_chat_template
+    reads num_frames and fps); passing videos fails with a clear message."""
+    num_frames = None
+    fps = None
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("this processor was loaded image-only (torchvision is not installed): it cannot process videos")
+
+
+def image_only_class(cls):
+    """`cls` (a processor class that takes a video processor) minus its video processor.
+
+    transformers refuses even `video_processor=None` without torchvision (it cannot resolve the
+    class to check the argument against), and `ProcessorMixin` derives a processor's parts and
+    saved settings from its `__init__` signature. A subclass whose `__init__` signature is the
+    original one without `video_processor` is therefore an image + text processor that behaves as
+    `cls` for images and saves the same processor_config.json (it keeps the name)."""
+    import inspect
+
+    original = inspect.signature(cls.__init__)
+    signature = original.replace(parameters=[p for n, p in original.parameters.items() if n != "video_processor"])
+    var_keyword = [n for n, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD]
+
+    def __init__(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        arguments.pop("self")
+        for name in var_keyword:
+            arguments.update(arguments.pop(name, {}))
+        cls.__init__(self, video_processor=None, **arguments)
+
+    __init__.__signature__ = signature
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                        "__doc__": cls.__doc__, "video_processor": MissingVideoProcessor()})
+
+
+def image_only_processor(path: Path):
+    """Rebuild the folder's processor from its image processor, tokenizer and chat template."""
+    import inspect
+    import json
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    cls = getattr(transformers, processor_class_name(path))
+    image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Processor-level settings (image_seq_len, num_image_tokens, ...) live in processor_config.json.
+    accepted = inspect.signature(cls.__init__).parameters
+    config_file = path / "processor_config.json"
+    saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    kwargs = {k: v for k, v in saved.items()
+              if k in accepted and k not in ("image_processor", "tokenizer", "video_processor", "chat_template")}
+    return image_only_class(cls)(image_processor=image_processor, tokenizer=tokenizer,
+                                 chat_template=read_chat_template(path, tokenizer), **kwargs)
+
+
+def read_chat_template(path: Path, tokenizer) -> str | None:
+    """The folder's chat template: chat_template.jinja, chat_template.json, or the tokenizer's."""
+    import json
+
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    return getattr(tokenizer, "chat_template", None)
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:

@@ -52,3 +52,19 @@ def half_format_model(tmp_path_factory, tiny_model_dir, toy_data):
     sft.main(["--mode", "cot", "--cot", str(root / "cot.jsonl"), "--model", str(tiny_model_dir), "--data", str(toy_data),
               "--out", str(root / "run"), "--steps", "40", "--eval-every", "0", "--save-every", "40"])
     return root / "run" / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """Factory: tiny_family_dir(name) -> folder of that family's tiny checkpoint, built once per session
+    (tests/tiny_families.py; the real architecture, processor, chat template and special tokens)."""
+    import tiny_families
+
+    built = {}
+
+    def build(name: str):
+        if name not in built:
+            built[name] = tiny_families.build_tiny_family(name, tmp_path_factory.mktemp(f"family_{name}") / "model")
+        return built[name]
+
+    return build
