@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import os
 import random
 import shutil
@@ -32,14 +33,15 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "auto",
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, max_image_tokens: int | None = None):
     """Load (model, processor) from a local folder, offline.
 
     The tokenizer's padding side is set to *left* after loading (it is not reliably saved):
     batched generation appends new tokens on the right, so prompts must end at the same column.
     Without torchvision, a processor that has a video processor is loaded image-only (see
     `load_processor`). A folder that cannot serve as an image-text-to-text chat model fails here
-    with a message naming the folder and the reason.
+    with a message naming the folder and the reason. `max_image_tokens` bounds the image tokens
+    of one image through the family's own knob (set_image_token_budget).
     """
     from transformers.utils import logging as hf_logging
 
@@ -50,6 +52,19 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
     model = model_class.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
     if not hasattr(model, "generate"):
         raise ValueError(f"{path}: {type(model).__name__} cannot generate text")
+    if not supports_shared_features(model):
+        raise ValueError(f"{path}: {type(model).__name__} does not accept precomputed image features "
+                         "(mm_encoder_outputs), which the G completions of a prompt share")
+    try:
+        check_chat_template(processor)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if max_image_tokens is not None:
+        try:
+            print(f"clgrpo: {path}: image-token budget {max_image_tokens}: "
+                  f"{set_image_token_budget(processor, model.config.model_type, max_image_tokens)}")
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     model.to(resolve_device(device))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -280,10 +295,11 @@ def set_image_token_budget(processor, model_type: str, max_tokens: int) -> str:
     Returns what was set (for the log). Raises when the family cannot go that low."""
     ip = processor.image_processor
     if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        # one token per merge x merge block of patch x patch pixels
-        max_pixels = max_tokens * (ip.patch_size * ip.merge_size) ** 2
-        ip.size = {**ip.size, "longest_edge": max_pixels,
-                   "shortest_edge": min(ip.size.get("shortest_edge", max_pixels), max_pixels)}
+        # one token per merge x merge block of patch x patch pixels; min_pixels sets the floor
+        unit = (ip.patch_size * ip.merge_size) ** 2
+        _at_least(max_tokens, max(1, -(-ip.size["shortest_edge"] // unit)), model_type)
+        max_pixels = max_tokens * unit
+        ip.size["longest_edge"] = max_pixels
         if hasattr(ip, "max_pixels"):
             ip.max_pixels = max_pixels
         return f"max_pixels={max_pixels}"
@@ -294,7 +310,7 @@ def set_image_token_budget(processor, model_type: str, max_tokens: int) -> str:
             k += 1
         _at_least(max_tokens, per_crop, model_type)
         ip.do_image_splitting = k > 0
-        ip.size = {"longest_edge": max(1, k) * crop}
+        ip.size["longest_edge"] = max(1, k) * crop
         return f"longest_edge={ip.size['longest_edge']}, image splitting {'on' if k else 'off'}"
     if model_type == "internvl":
         per_tile = processor.image_seq_length
@@ -309,13 +325,19 @@ def set_image_token_budget(processor, model_type: str, max_tokens: int) -> str:
         ip.do_pan_and_scan = False
         return f"fixed {processor.image_seq_length} tokens per image"
     if model_type in ("llava_next", "llava_onevision"):
-        # tokens of a grid pinpoint (h, w) <= (h/p)(w/p) tile features + h/p row ends + the base image's (s/p)^2
-        p = processor.patch_size
+        # A grid pinpoint (h, w) of s-px crops, q x q features per crop, costs at most
+        # (h/s q)(w/s q) crop features + h/s q row ends + q^2 for the downscaled base image (+1).
         s = min(min(pp) for pp in ip.image_grid_pinpoints)
-        fits = [pp for pp in ip.image_grid_pinpoints if (pp[0] // p) * (pp[1] // p) + pp[0] // p + (s // p) ** 2 + 1 <= max_tokens]
+        patch = getattr(processor, "patch_size", None)
+        q = s // patch if patch else math.isqrt(processor.num_image_tokens)
+
+        def cost(pp):
+            return (pp[0] // s * q) * (pp[1] // s * q) + pp[0] // s * q + q * q + 1
+        fits = [pp for pp in ip.image_grid_pinpoints if cost(pp) <= max_tokens]
         if not fits:
+            smallest = min(ip.image_grid_pinpoints, key=cost)
             raise ValueError(f"{model_type}: --max-image-tokens {max_tokens} is below the smallest grid "
-                             f"{[s, s]} ({2 * (s // p) ** 2 + s // p + 1} tokens)")
+                             f"{smallest} ({cost(smallest)} tokens)")
         ip.image_grid_pinpoints = fits
         return f"image_grid_pinpoints={fits}"
     raise ValueError(f"--max-image-tokens: no known image-token knob for model type {model_type!r}; "

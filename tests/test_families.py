@@ -15,7 +15,7 @@ import sft
 import vlm
 from data import read_emoset_split
 from tiny_families import FAMILY_NAMES
-from vision_checks import check_shared_features, vision_rows
+from vision_checks import check_shared_features, random_completions, vision_rows
 
 MODEL_TYPE = {"smolvlm2": "smolvlm"}  # family name -> config.model_type where they differ
 
@@ -63,7 +63,7 @@ def test_logprobs_micro_batched_alone_and_shared(family):
     images, g = two_images(), 3
     torch.manual_seed(1)
     eos = vlm.eos_token_ids(model, processor)
-    completion = torch.randint(10, 200, (len(images) * g, 7))
+    completion = random_completions(model, processor, len(images) * g, 7)
     mask, _ = vlm.completion_mask_from_ids(completion, eos)
     prompts = vlm.encode_prompts(processor, images)
     with torch.no_grad():
@@ -74,6 +74,8 @@ def test_logprobs_micro_batched_alone_and_shared(family):
             alone = vlm.completion_logprobs(model, vlm.encode_prompts(processor, [images[r // g]]),
                                             completion[r:r + 1], mask[r:r + 1])
             assert (alone - full[r:r + 1])[mask[r:r + 1].bool()].abs().max().item() < 1e-5
+        other = vlm.completion_logprobs(model, vlm.encode_prompts(processor, [images[1]]), completion[:1], mask[:1])
+        assert (other - full[:1]).abs().max().item() > 1e-4  # and the image matters
     check_shared_features(model, processor, images, group_size=g)
 
 
@@ -131,7 +133,8 @@ def test_image_token_budget_changes_image_tokens(family):
 
 
 # (lowest budget the family accepts, a higher one) for the tiny builds: one crop/tile/patch grid vs several
-BUDGETS = {}
+BUDGETS = {"idefics3": (4, 20), "smolvlm2": (4, 20), "qwen2_vl": (4, 24), "qwen2_5_vl": (4, 24), "qwen3_vl": (4, 24),
+           "internvl": (4, 20), "gemma3": (4, 8), "llava_next": (15, 30), "llava_onevision": (11, 30)}
 
 
 def write_cot(path, records):
@@ -157,4 +160,4 @@ def test_every_command_line_runs_two_steps(family, toy_data, tmp_path):
     evaluation.main(["--model", str(tmp_path / "rl"), "--data", str(toy_data), "--limit", "4", "--max-new-tokens", "8",
                      "--out", str(tmp_path / "eval")])
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert all(math.isfinite(v["accuracy"]) for v in results.values())
+    assert results["n"] == 4 and all(math.isfinite(v["accuracy"]) for v in results["results"].values())

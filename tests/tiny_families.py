@@ -595,6 +595,7 @@ def build_tiny_family(name: str, out: str | Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILY_NAMES)}")
     torch.manual_seed(seed)
     model, processor, ids = BUILDERS[name]()
+    randomise_zero_weights(model)
     model.generation_config.update(**ids)
     out = Path(out)
     model.save_pretrained(out)
@@ -605,6 +606,18 @@ def build_tiny_family(name: str, out: str | Path, seed: int = 0) -> Path:
         video_config = {"video_processor_type": VIDEO_PROCESSOR[name], "processor_class": type(processor).__name__}
         (out / "video_preprocessor_config.json").write_text(json.dumps(video_config, indent=2) + "\n")
     return out
+
+
+def randomise_zero_weights(model) -> None:
+    """Some families initialise a projection to zeros (Gemma 3's mm_input_projection_weight):
+    trained checkpoints never have that, and with it the image would not reach the text model
+    at all, so a test could not tell one image from another. Give such matrices random values."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(0.0, 0.05)
 
 
 def _image_tokens(processor, name: str, width: int, height: int = 64) -> int:

@@ -40,13 +40,20 @@ def vision_rows(model, fn) -> int:
     return counter.rows
 
 
+def random_completions(model, processor, n: int, tokens: int) -> torch.Tensor:
+    """[n, tokens] random ids a policy could sample (never an image placeholder or other blocked token)."""
+    blocked = set(vlm.blocked_token_ids(model, processor))
+    allowed = torch.tensor([i for i in range(10, 200) if i not in blocked])
+    return allowed[torch.randint(len(allowed), (n, tokens))]
+
+
 def check_shared_features(model, processor, images, group_size=3, tokens=6, tol=1e-5):
     """Shared-feature log-probs (and gradients) == the repeated-image path, and the vision tower
     sees B images per pass, not B x G."""
     torch.manual_seed(0)
     n = len(images) * group_size
     eos = vlm.eos_token_ids(model, processor)
-    completion = torch.randint(10, 200, (n, tokens))
+    completion = random_completions(model, processor, n, tokens)
     mask, _ = vlm.completion_mask_from_ids(completion, eos)
     prompts = vlm.encode_prompts(processor, images)
     repeated = vlm.encode_prompts(processor, [img for img in images for _ in range(group_size)])
