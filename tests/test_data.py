@@ -228,10 +228,11 @@ def test_duplicate_cot_ids_name_both_lines(tmp_path):
 
 
 def huge_png_header(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR chunk claiming width x height pixels, and no pixel data."""
+    """A ~60-byte PNG claiming width x height pixels: its header, then an empty IDAT and IEND."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return b"\x89PNG\r\n\x1a\n" + chunk
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("kind", ["truncated", "corrupt", "not_an_image", "bomb", "just_over_the_limit", "empty"])
@@ -245,8 +246,10 @@ def test_unreadable_images_raise_a_named_error_and_are_skipped_with_one_warning(
                "just_over_the_limit": huge_png_header(10_000, 9_000), "empty": b""}[kind]
     (tmp_path / "bad.png").write_bytes(content)
     bad = {"id": "b", "image": "bad.png"}
-    with pytest.raises(DataError, match=r"bad\.png: cannot read image of 'b'"):
+    with pytest.raises(DataError, match=r"bad\.png: cannot read image of 'b'") as e:
         load_image(tmp_path, bad)
+    if kind in ("bomb", "just_over_the_limit"):
+        assert "DecompressionBombError" in str(e.value)
     skipped = {}
     for _ in range(2):   # the same bad image twice: skipped twice, warned about once
         kept, images = load_images(tmp_path, [{"id": "g", "image": "good.png"}, bad], skipped)
