@@ -15,7 +15,9 @@ The dataset's labels, not people, check the teachers' reasoning:
 Teachers: `openai:URL#MODEL` (any OpenAI-compatible server: vLLM, SGLang, llama.cpp...),
 `hf:PATH` (a local transformers VLM), `toy:NAME` (pixel-reading toy teachers). The run appends one
 JSONL line per kept record, is resumable, and ends with a summary (printed and written to
-OUT.summary.json).
+OUT.summary.json). An image is done only when every teacher's reply was parsed or judged; images
+a teacher could not be reached for are listed in OUT.failures.jsonl, retried by the next run, and
+make the exit code 3 while any remain.
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ class OpenAITeacher:
                     self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (not retried): {detail}")
                     raise TransportError(f"{self.name}: HTTP {status} from {self.endpoint} (not retried): {detail[:200]}")
                 last = f"HTTP {status}: {detail[:200]}"
+                self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (retried up to {self.retries} times): {detail}")
                 hint = retry_after_seconds(reply_headers.get("Retry-After"))
                 if hint is not None:
                     wait = min(hint, self.retry_after_cap)
