@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 import eval as evaluation
 import vlm
-from data import EpochSampler, append_jsonl, atomic_write_json, load_image, read_emoset_split, truncate_jsonl_after_step
+from data import (EpochSampler, append_jsonl, atomic_write_json, float_in, int_at_least, load_images, output_path_problem,
+                  read_emoset_split, read_val_for_training, truncate_jsonl_after_step)
 from rewards import combined_reward
 
 # =============================================================================================
@@ -345,32 +346,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="EmoSet-layout data root (train split for prompts, val for eval)")
     p.add_argument("--out", required=True, help="run folder: checkpoint/, metrics.jsonl, samples.jsonl, run_config.json")
     f = lambda flag, typ, hlp, **kw: p.add_argument(flag, type=typ, default=None, help=hlp + " (default: stage preset)", **kw)  # noqa: E731
-    f("--steps", int, "GRPO steps (one generation batch each)")
-    f("--batch-size", int, "prompts per step (B)")
-    f("--num-generations", int, "completions per prompt (G)")
-    f("--mu", int, "optimizer updates per generation batch")
-    f("--lr", float, "learning rate (AdamW)")
-    f("--warmup", int, "linear LR warm-up steps")
-    f("--weight-decay", float, "AdamW weight decay")
-    f("--max-grad-norm", float, "gradient clipping norm")
-    f("--beta", float, "KL weight; 0 skips the reference model")
-    f("--eps-low", float, "lower clip: rho >= 1 - eps_low binds for A < 0")
-    f("--eps-high", float, "upper clip: rho <= 1 + eps_high binds for A > 0")
+    f("--steps", int_at_least(1), "GRPO steps (one generation batch each)")
+    f("--batch-size", int_at_least(1), "prompts per step (B)")
+    f("--num-generations", int_at_least(2), "completions per prompt (G)")
+    f("--mu", int_at_least(1), "optimizer updates per generation batch")
+    f("--lr", float_in(0), "learning rate (AdamW)")
+    f("--warmup", int_at_least(0), "linear LR warm-up steps")
+    f("--weight-decay", float_in(0), "AdamW weight decay")
+    f("--max-grad-norm", float_in(0, lo_open=True), "gradient clipping norm")
+    f("--beta", float_in(0), "KL weight; 0 skips the reference model")
+    f("--eps-low", float_in(0, 1, hi_open=True), "lower clip: rho >= 1 - eps_low binds for A < 0")
+    f("--eps-high", float_in(0), "upper clip: rho <= 1 + eps_high binds for A > 0")
     f("--aggregation", str, "loss aggregation", choices=["sequence", "token", "constant"])
     f("--scale-rewards", str, "advantage scaling: group std or none (Dr. GRPO)", choices=["group", "none"])
-    f("--temperature", float, "sampling temperature (log-probs use the same)")
-    f("--top-p", float, "nucleus sampling (1.0 keeps log-probs exact)")
-    f("--max-new-tokens", int, "completion length limit")
-    f("--format-weight", float, "weight of the format reward")
-    f("--accuracy-weight", float, "weight of the accuracy reward")
-    f("--micro-batch", int, "completions per forward/backward in the update")
-    f("--logp-micro-batch", int, "completions per no-grad forward (reference / old policy)")
-    f("--eval-every", int, "validation accuracy every N steps (0: never)")
-    f("--eval-limit", int, "validation records per evaluation")
-    f("--save-every", int, "checkpoint every N steps (and at the end)")
-    f("--sample-every", int, "write sample completions every N steps")
+    f("--temperature", float_in(0, lo_open=True), "sampling temperature (log-probs use the same)")
+    f("--top-p", float_in(0, 1, lo_open=True), "nucleus sampling (1.0 keeps log-probs exact)")
+    f("--max-new-tokens", int_at_least(1), "completion length limit")
+    f("--format-weight", float_in(0), "weight of the format reward")
+    f("--accuracy-weight", float_in(0), "weight of the accuracy reward")
+    f("--micro-batch", int_at_least(1), "completions per forward/backward in the update")
+    f("--logp-micro-batch", int_at_least(1), "completions per no-grad forward (reference / old policy)")
+    f("--eval-every", int_at_least(0), "validation accuracy every N steps (0: never)")
+    f("--eval-limit", int_at_least(1), "validation records per evaluation")
+    f("--save-every", int_at_least(1), "checkpoint every N steps (and at the end)")
+    f("--sample-every", int_at_least(0), "write sample completions every N steps (0: never)")
     f("--seed", int, "random seed (sampling and data order)")
-    p.add_argument("--stop-after", type=int, help="save and stop after N steps of this invocation (--resume continues)")
+    p.add_argument("--stop-after", type=int_at_least(1), help="save and stop after N steps of this invocation (--resume continues)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, RNG, data order)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
@@ -378,14 +379,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if problem := output_path_problem(args.out, "dir"):
+        p.error(problem)
+    return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     config = resolve_config(args)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
-    resume = args.resume and (ckpt / "trainer_state.pt").is_file()
+    resume = vlm.resume_point(out, args.resume)   # recovers an interrupted save; refuses a --resume with no state
     vlm.seed_everything(config["seed"])
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
@@ -401,7 +405,8 @@ def main(argv=None) -> dict:
         ref_model.eval().requires_grad_(False)
 
     train, report = read_emoset_split(args.data, "train", skip_missing=True)
-    val, _ = read_emoset_split(args.data, "val", skip_missing=True, limit=config["eval_limit"])
+    val = read_val_for_training(args.data, config["eval_every"], config["eval_limit"])
+    unreadable, empty_draws = {}, 0   # id -> reason of images skipped (one warning each)
     if report["skipped_missing"]:
         print(f"skipped {report['skipped_missing']} train entries with missing images")
     params = [prm for prm in model.parameters() if prm.requires_grad]
@@ -429,18 +434,24 @@ def main(argv=None) -> dict:
     last = min(config["steps"], step + args.stop_after) if args.stop_after else config["steps"]
     bar = tqdm(total=config["steps"], initial=step, desc=f"stage{args.stage}")
     while step < last:
-        records = [train[i] for i in sampler.next_batch(config["batch_size"])]
-        images = [load_image(args.data, r) for r in records]
+        records, images = load_images(args.data, [train[i] for i in sampler.next_batch(config["batch_size"])], unreadable)
+        empty_draws = 0 if records else empty_draws + 1
+        if empty_draws * config["batch_size"] > len(train):
+            raise SystemExit(f"a whole epoch of the {len(train)} training images was unreadable (see the warnings above)")
+        if not records:   # a batch of unreadable images only: draw the next one (same in a resumed run)
+            continue
         try:
             metrics, _ = grpo_step(model, ref_model, processor, optimizer, scheduler, records, images, config, autocast)
+            vlm.require_finite_weights(model)   # the loss and gradient guards cannot see an update that overflows
         except FloatingPointError as e:
             raise SystemExit(f"stopped at step {step + 1}: {e}. The last good checkpoint is {ckpt}") from e
         step += 1
         skipped += metrics["skipped_update"]
         samples = metrics.pop("samples")
         metrics = {"step": step, **metrics, "skipped_updates_total": skipped}
-        if config["eval_every"] and (step % config["eval_every"] == 0 or step == config["steps"]):
-            val_metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=config["max_new_tokens"], progress=False)
+        if val and (step % config["eval_every"] == 0 or step == config["steps"]):
+            val_metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=config["max_new_tokens"],
+                                                 progress=False, skipped=unreadable)
             metrics.update(val_accuracy=val_metrics["accuracy"], val_format_rate=val_metrics["format_rate"])
             model.train()
         append_jsonl(out / "metrics.jsonl", metrics)
@@ -453,7 +464,9 @@ def main(argv=None) -> dict:
             save()
     bar.close()
     evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
-    return {"out": str(out), "step": step}
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable images (named in the warnings above)")
+    return {"out": str(out), "step": step, "unreadable_images": len(unreadable)}
 
 
 if __name__ == "__main__":

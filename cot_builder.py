@@ -15,28 +15,36 @@ The dataset's labels, not people, check the teachers' reasoning:
 Teachers: `openai:URL#MODEL` (any OpenAI-compatible server: vLLM, SGLang, llama.cpp...),
 `hf:PATH` (a local transformers VLM), `toy:NAME` (pixel-reading toy teachers). The run appends one
 JSONL line per kept record, is resumable, and ends with a summary (printed and written to
-OUT.summary.json).
+OUT.summary.json). An image is done only when every teacher's reply was parsed or judged; images
+a teacher could not be reached for are listed in OUT.failures.jsonl, retried by the next run, and
+make the exit code 3 while any remain.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import email.utils
+import http.client
 import io
 import json
+import math
 import os
+import socket
+import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
+from datetime import datetime, timezone
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data import (EMOTIONS, INSTRUCTION, append_jsonl, atomic_write_json, load_image, read_emoset_split,
-                  read_jsonl, repair_jsonl_tail)
+from data import (EMOTIONS, INSTRUCTION, append_jsonl, atomic_write_json, atomic_write_text, float_in, int_at_least,
+                  load_images, output_path_problem, read_emoset_split, read_jsonl, repair_jsonl_tail)
 from rewards import THINK_CLOSE, THINK_OPEN, format_reward, normalize_emotion, parse_answer
 
 BLIND_PROMPT = INSTRUCTION
@@ -52,7 +60,14 @@ HINT_PROMPT = (
 
 
 class TeacherError(RuntimeError):
-    """A teacher call that failed for good (HTTP error after retries, malformed body...)."""
+    """A reply came but cannot be used (malformed or oversized body, not text): for this image
+    the teacher's answer counts as malformed, and the image is still judged (and done)."""
+
+
+class TransportError(TeacherError):
+    """No reply at all: connection refused or reset, deadline passed, 429/5xx after the retries,
+    any other 4xx, broken HTTP. The image is NOT done: it is listed in OUT.failures.jsonl, the
+    next run retries it, and the exit code says that some remain."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,27 +81,111 @@ def image_data_url(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
 class OpenAITeacher:
     """An OpenAI-compatible /v1/chat/completions endpoint, standard-library HTTP only.
 
-    Retries connection errors, timeouts, 429 and 5xx with exponential backoff (backoff * 2^k);
-    any other 4xx is a clear error at once (retrying a bad request cannot help)."""
+    Each attempt has ONE deadline (`timeout` seconds for connect, headers and body together: a
+    watchdog shuts the socket when it passes, so a server that drips a byte a second cannot hang
+    the run). Connection errors, timeouts, 429 and 5xx are retried with exponential backoff
+    (backoff * 2^k), or after the server's Retry-After when it sends one (at most
+    `retry_after_cap` seconds); any other 4xx fails at once (retrying a bad request cannot
+    help) and its body is printed once per status. A body over `max_reply_bytes`, invalid JSON
+    or UTF-8, or a lone surrogate is a malformed reply."""
 
     def __init__(self, url: str, model: str, workers: int = 8, timeout: float = 120.0, retries: int = 4,
                  backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.2,
-                 api_key_env: str = "OPENAI_API_KEY"):
+                 api_key_env: str = "OPENAI_API_KEY", max_reply_bytes: int = 2 ** 20, retry_after_cap: float = 60.0):
         url = url.rstrip("/")
         self.endpoint = url if url.endswith("/chat/completions") else (url if url.endswith("/v1") else url + "/v1") + "/chat/completions"
+        parts = urllib.parse.urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"teacher URL {url!r}: only http:// and https:// URLs with a host are accepted")
+        self._connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port = parts.hostname, parts.port
+        self._path = parts.path + (f"?{parts.query}" if parts.query else "")
         self.name, self.model, self.workers = f"openai:{model}", model, workers
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.max_reply_bytes, self.retry_after_cap = max_reply_bytes, retry_after_cap
         self.max_tokens, self.temperature = max_tokens, temperature
         self.api_key = os.environ.get(api_key_env)
-        self.calls = Counter()  # attempts / retries / failures, for the summary
+        self.calls = Counter()  # attempts / retries / transport_failures / malformed, for the summary
+        self._reported = set()  # (kind) already printed once
         self._lock = threading.Lock()  # worker threads update `calls`; += on a dict item is not atomic
 
     def _count(self, key: str) -> None:
         with self._lock:
             self.calls[key] += 1
+
+    def _report_once(self, kind: str, message: str) -> None:
+        """Print a failure's details the first time this kind (an HTTP status, an error type) occurs."""
+        with self._lock:
+            if kind in self._reported:
+                return
+            self._reported.add(kind)
+        print(f"{self.name}: {message} (shown once per kind; every occurrence is counted)", file=sys.stderr, flush=True)
+
+    def _post(self, body: bytes, headers: dict) -> tuple[int, object, bytes]:
+        """One attempt: (status, headers, body), under one deadline for the whole exchange."""
+        conn = self._connection(self._host, self._port, timeout=self.timeout)
+        expired, sockets = threading.Event(), []
+
+        def expire():
+            expired.set()
+            for sock in sockets:   # not conn.sock: http.client drops it once the response owns the socket
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)   # wakes up a blocked read
+
+        watchdog = threading.Timer(self.timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            conn.connect()   # bounded by the socket timeout, which equals the deadline
+            sockets.append(conn.sock)
+            if expired.is_set():
+                raise TimeoutError
+            conn.request("POST", self._path, body=body, headers=headers)
+            response = conn.getresponse()
+            raw = self._read_capped(response)
+            if expired.is_set():
+                raise TimeoutError
+            return response.status, response.headers, raw
+        except (OSError, http.client.HTTPException) as e:
+            if expired.is_set():
+                raise TimeoutError(f"no complete reply within the {self.timeout:g} s deadline (--timeout)") from e
+            raise
+        finally:
+            watchdog.cancel()
+            conn.close()
+
+    def _read_capped(self, response) -> bytes:
+        """The body, read a socket read at a time; over the cap it is a malformed reply (kept
+        memory stays bounded); a body shorter than its Content-Length is an IncompleteRead."""
+        declared = response.getheader("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_reply_bytes:
+            raise TeacherError(f"{self.name}: reply of {declared} bytes is over the {self.max_reply_bytes}-byte cap")
+        chunks, size = [], 0
+        while chunk := response.read1(65536):
+            size += len(chunk)
+            if size > self.max_reply_bytes:
+                raise TeacherError(f"{self.name}: reply is over the {self.max_reply_bytes}-byte cap")
+            chunks.append(chunk)
+        if response.length:   # the connection closed before Content-Length bytes arrived
+            raise http.client.IncompleteRead(b"".join(chunks), response.length)
+        return b"".join(chunks)
 
     def chat(self, content) -> str:
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
@@ -96,29 +195,38 @@ class OpenAITeacher:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.retries + 1):
             self._count("attempts")
+            wait = self.backoff * 2 ** attempt
             try:
-                request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    raw = response.read()
-                break
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
-                if e.code != 429 and e.code < 500:
-                    raise TeacherError(f"{self.name}: HTTP {e.code} from {self.endpoint} (not retried): {detail}") from e
-                last = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                status, reply_headers, raw = self._post(body, headers)
+            except (OSError, http.client.HTTPException) as e:   # refused, reset, timeout, IncompleteRead, BadStatusLine...
                 last = f"{type(e).__name__}: {e}"
+                self._report_once(type(e).__name__, f"{last} from {self.endpoint} (retried up to {self.retries} times)")
+            else:
+                if 200 <= status < 300:
+                    return self._parse(raw)
+                detail = raw[:500].decode("utf-8", "replace")
+                if status != 429 and status < 500:
+                    self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (not retried): {detail}")
+                    raise TransportError(f"{self.name}: HTTP {status} from {self.endpoint} (not retried): {detail[:200]}")
+                last = f"HTTP {status}: {detail[:200]}"
+                self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (retried up to {self.retries} times): {detail}")
+                hint = retry_after_seconds(reply_headers.get("Retry-After"))
+                if hint is not None:
+                    wait = min(hint, self.retry_after_cap)
             if attempt < self.retries:
                 self._count("retries")
-                time.sleep(self.backoff * 2 ** attempt)
-        else:
-            raise TeacherError(f"{self.name}: gave up after {self.retries + 1} attempts: {last}")
+                time.sleep(wait)
+        raise TransportError(f"{self.name}: gave up after {self.retries + 1} attempts: {last}")
+
+    def _parse(self, raw: bytes) -> str:
         try:
-            text = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            text = json.loads(raw)["choices"][0]["message"]["content"]   # invalid UTF-8 raises here
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:
             raise TeacherError(f"{self.name}: malformed response body: {raw[:200]!r}") from e
         if not isinstance(text, str):
             raise TeacherError(f"{self.name}: response content is not text: {text!r:.200}")
+        if not is_valid_text(text):
+            raise TeacherError(f"{self.name}: response content holds a lone surrogate: {text!r:.200}")
         return text
 
     def _map(self, contents: list) -> list:
@@ -126,7 +234,7 @@ class OpenAITeacher:
             try:
                 return self.chat(content)
             except TeacherError as e:
-                self._count("failures")
+                self._count("transport_failures" if isinstance(e, TransportError) else "malformed")
                 return e
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(call, contents))
@@ -141,6 +249,16 @@ class OpenAITeacher:
     def hinted(self, items):
         return self._map([[{"type": "image_url", "image_url": {"url": image_data_url(img)}},
                            {"type": "text", "text": HINT_PROMPT.format(label=label)}] for _, img, label in items])
+
+
+def is_valid_text(text: str) -> bool:
+    """False for a string that cannot be written as UTF-8 (a lone surrogate such as '\\ud800',
+    which JSON allows): it would crash the append of the record, on every rerun."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class HFTeacher:
@@ -184,7 +302,8 @@ class HFTeacher:
         return self._generate([img for _, img, _ in items], [HINT_PROMPT.format(label=y) for _, _, y in items])
 
 
-def make_teacher(spec: str, workers: int = 8):
+def make_teacher(spec: str, workers: int = 8, **http_options):
+    """A teacher from its spec; `http_options` (timeout, retries...) go to openai: teachers."""
     kind, _, rest = spec.partition(":")
     if kind == "toy":
         from toy import ToyTeacher
@@ -195,17 +314,20 @@ def make_teacher(spec: str, workers: int = 8):
         url, sep, model = rest.rpartition("#")
         if not sep or not url or not model:
             raise ValueError(f"teacher spec {spec!r}: expected openai:URL#MODEL, e.g. openai:http://localhost:8000#Qwen2.5-VL-7B-Instruct")
-        return OpenAITeacher(url, model, workers=workers)
+        return OpenAITeacher(url, model, workers=workers, **http_options)
     raise ValueError(f"teacher spec {spec!r}: expected toy:NAME, hf:PATH or openai:URL#MODEL")
 
 
 # ---------------------------------------------------------------------------------------------
-# The four steps
+# The four steps. `lost` (image index -> message) collects transport failures: such an image
+# is not judged further, and `build` leaves it to the next run.
 # ---------------------------------------------------------------------------------------------
 def read_reply(reply) -> tuple[str, str | None, str | None]:
-    """(outcome, reasoning, label) of a COT reply; outcome is ok / malformed / error."""
-    if isinstance(reply, Exception):
+    """(outcome, reasoning, label) of a COT reply; outcome is ok / malformed / error (transport)."""
+    if isinstance(reply, TransportError):
         return "error", None, None
+    if isinstance(reply, Exception) or not isinstance(reply, str) or not is_valid_text(reply):
+        return "malformed", None, None
     label = normalize_emotion(parse_answer(reply))
     if not format_reward(reply) or label is None:
         return "malformed", None, None
@@ -213,43 +335,55 @@ def read_reply(reply) -> tuple[str, str | None, str | None]:
     return "ok", think, label
 
 
-def blind_pass(teachers, items, labels) -> tuple[list[list[dict]], dict]:
+def blind_pass(teachers, items, labels, lost: dict | None = None) -> tuple[list[list[dict]], dict]:
     """Step 1. Per image, the candidates whose blind answer equals the label; per teacher, outcomes."""
     candidates = [[] for _ in items]
     outcomes = {t.name: [] for t in teachers}
+    lost = {} if lost is None else lost
     for teacher in teachers:
         for i, reply in enumerate(teacher.blind(items)):
             outcome, think, answer = read_reply(reply)
             if outcome == "ok":
                 outcome = "correct" if answer == labels[i] else "wrong"
+            elif outcome == "error":
+                lost.setdefault(i, f"blind pass: {reply}")
             outcomes[teacher.name].append(outcome)
             if outcome == "correct":
                 candidates[i].append({"teacher": teacher.name, "think": think, "mode": "blind"})
     return candidates, outcomes
 
 
-def cross_check(teachers, candidates: list[list[dict]], labels, failures: Counter) -> None:
+def cross_check(teachers, candidates: list[list[dict]], labels, failures: Counter, lost: dict | None = None) -> None:
     """Step 2. Each candidate's reasoning goes to every other teacher, text only; a vote is a
-    teacher that names the label from the reasoning alone. Adds `votes` and `voters`."""
+    teacher that names the label from the reasoning alone. Adds `votes` and `voters`.
+    An unparseable answer is a voter without a vote (counted in `failures`)."""
+    lost = {} if lost is None else lost
     for checker in teachers:
-        jobs = [(i, c) for i, cands in enumerate(candidates) for c in cands if c["teacher"] != checker.name]
+        jobs = [(i, c) for i, cands in enumerate(candidates) if i not in lost for c in cands if c["teacher"] != checker.name]
         replies = checker.from_reasoning([(f"{i}:{c['teacher']}", c["think"]) for i, c in jobs])
         for (i, c), reply in zip(jobs, replies):
-            answer = None if isinstance(reply, Exception) else normalize_emotion(parse_answer(reply))
+            if isinstance(reply, TransportError):
+                lost.setdefault(i, f"cross-check: {reply}")
+                continue
+            valid = isinstance(reply, str) and is_valid_text(reply)
+            answer = normalize_emotion(parse_answer(reply)) if valid else None
             if answer is None:
                 failures[checker.name] += 1
             c["voters"] = c.get("voters", 0) + 1
             c["votes"] = c.get("votes", 0) + int(answer == labels[i])
 
 
-def rationalise(teachers, items, labels, candidates, failures: Counter) -> None:
+def rationalise(teachers, items, labels, candidates, failures: Counter, lost: dict | None = None) -> None:
     """Step 3. For images without a candidate, ask teachers for reasoning given the label."""
-    todo = [i for i, cands in enumerate(candidates) if not cands]
+    lost = {} if lost is None else lost
+    todo = [i for i, cands in enumerate(candidates) if not cands and i not in lost]
     for teacher in teachers:
         replies = teacher.hinted([(items[i][0], items[i][1], labels[i]) for i in todo])
         for i, reply in zip(todo, replies):
             outcome, think, answer = read_reply(reply)
-            if outcome != "ok":
+            if outcome == "error":
+                lost.setdefault(i, f"rationalise: {reply}")
+            elif outcome != "ok":
                 failures[teacher.name] += 1
             elif answer == labels[i]:
                 candidates[i].append({"teacher": teacher.name, "think": think, "mode": "hinted"})
@@ -264,49 +398,99 @@ def select(cands: list[dict], min_votes: int) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # The run: chunks of images, resumable, summarised
 # ---------------------------------------------------------------------------------------------
+# Files next to OUT: .progress.jsonl (one line per DONE image: the only thing a rerun skips),
+# .failures.jsonl (images this run could not finish: transport failures, unreadable images;
+# rewritten by every run, since every run retries them), .summary.json.
+EXIT_INCOMPLETE = 3        # some images remain to do because a teacher could not be reached
+DEAD_CHUNKS_TO_STOP = 3    # consecutive chunks in which EVERY image failed in transport: stop
+
+
 def progress_path(out: Path) -> Path:
     return out.with_name(out.name + ".progress.jsonl")
 
 
+def failures_path(out: Path) -> Path:
+    return out.with_name(out.name + ".failures.jsonl")
+
+
+def drop_unconfirmed_records(out: Path, done: set) -> int:
+    """Remove COT records whose image has no progress line (a kill between the two appends):
+    the image is redone, so keeping the record would duplicate it. Returns how many."""
+    if not out.exists():
+        return 0
+    records = list(read_jsonl(out))
+    keep = [r for r in records if r["id"] in done]
+    if len(keep) < len(records):
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+    return len(records) - len(keep)
+
+
 def build(records: list[dict], root, teachers, out: Path, rationalize=False, min_votes=0, chunk=32) -> dict:
     """Process records not yet done, appending kept COT records to `out` and one status line per
-    image to OUT.progress.jsonl (kept / hinted / dropped, each teacher's blind outcome).
-    Returns the summary over the whole output (this run and earlier ones)."""
+    DONE image to OUT.progress.jsonl (kept / hinted / dropped, each teacher's blind outcome).
+
+    An image is done only when every teacher's reply was parsed or judged. Images with a
+    transport failure, and unreadable images, are listed in OUT.failures.jsonl and retried by
+    the next run. Returns the summary over the whole output (this run and earlier ones)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    prog = progress_path(out)
+    prog, fails = progress_path(out), failures_path(out)
     cut = repair_jsonl_tail(out) + repair_jsonl_tail(prog)   # a crash can leave one partial line
     if cut:
         print(f"removed {cut} bytes of a partial last line left by an interrupted run")
-    done = {r["id"] for r in read_jsonl(out)} if out.exists() else set()
-    done |= {r["id"] for r in read_jsonl(prog)} if prog.exists() else set()
+    done = {r["id"] for r in read_jsonl(prog)} if prog.exists() else set()
+    if dropped := drop_unconfirmed_records(out, done):
+        print(f"removed {dropped} COT record(s) written just before an interruption; their images are redone")
     todo = [r for r in records if r["id"] not in done]
     print(f"{len(records)} records, {len(records) - len(todo)} already done, {len(todo)} to do")
-    failures = Counter()
+    atomic_write_text(fails, "")   # this run retries every earlier failure
+    failures, not_done, unreadable, dead_chunks = Counter(), Counter(), {}, 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="cot")
     for s in range(0, len(todo), chunk):
-        batch = todo[s:s + chunk]
-        items = [(r["id"], load_image(root, r)) for r in batch]
+        wanted = todo[s:s + chunk]
+        batch, images = load_images(root, wanted, unreadable)
+        for r in (r for r in wanted if r["id"] in unreadable):
+            append_jsonl(fails, {"id": r["id"], "kind": "unreadable", "error": unreadable[r["id"]]})
+            not_done["unreadable"] += 1
+        items = [(r["id"], img) for r, img in zip(batch, images)]
         labels = [r["label"] for r in batch]
-        candidates, outcomes = blind_pass(teachers, items, labels)
+        lost = {}
+        candidates, outcomes = blind_pass(teachers, items, labels, lost)
         if rationalize:
-            rationalise(teachers, items, labels, candidates, failures)
-        cross_check(teachers, candidates, labels, failures)
+            rationalise(teachers, items, labels, candidates, failures, lost)
+        cross_check(teachers, candidates, labels, failures, lost)
         for i, r in enumerate(batch):
+            if i in lost:
+                append_jsonl(fails, {"id": r["id"], "kind": "transport", "error": lost[i]})
+                not_done["transport"] += 1
+                continue
             best = select(candidates[i], min_votes)
-            if best is not None:   # the record first: a crash before its progress line only repeats work
+            if best is not None:   # the record first; a kill before its progress line is undone at restart
                 append_jsonl(out, {"id": r["id"], "image": r["image"], "label": r["label"], "think": best["think"],
                                    "answer": r["label"], "teacher": best["teacher"], "votes": best.get("votes", 0),
                                    "voters": best.get("voters", 0), "mode": best["mode"]})
             append_jsonl(prog, {"id": r["id"], "label": r["label"], "status": "dropped" if best is None else best["mode"],
                                 "blind": {name: o[i] for name, o in outcomes.items()}})
-        bar.update(len(batch))
+        bar.update(len(wanted))
+        dead_chunks = dead_chunks + 1 if batch and len(lost) == len(batch) else 0
+        if dead_chunks == DEAD_CHUNKS_TO_STOP:
+            print(f"stopping early: every image of the last {dead_chunks} chunks failed to reach a teacher "
+                  f"(see the errors above and {fails}); run the same command again when the teachers are back",
+                  file=sys.stderr)
+            not_done["not_started"] = len(todo) - s - len(wanted)
+            break
     bar.close()
     summary = summarise(out, teachers)
-    summary["this_run"] = {"processed": len(todo), "seconds": round(time.perf_counter() - start, 2),
-                           "records_per_s": round(len(todo) / max(1e-9, time.perf_counter() - start), 2),
+    summary["not_done"] = {"transport": not_done["transport"], "unreadable": not_done["unreadable"],
+                           "not_started": not_done["not_started"], "failures_file": str(fails)}
+    processed = len(todo) - not_done["not_started"]
+    summary["this_run"] = {"processed": processed, "seconds": round(time.perf_counter() - start, 2),
+                           "records_per_s": round(processed / max(1e-9, time.perf_counter() - start), 2),
                            "check_or_hint_failures": dict(failures)}
     atomic_write_json(out.with_name(out.name + ".summary.json"), summary)
+    if not_done["transport"] or not_done["unreadable"]:
+        print(f"{not_done['transport']} images could not be finished (teacher unreachable) and "
+              f"{not_done['unreadable']} images are unreadable: listed in {fails}; a rerun retries them", file=sys.stderr)
     return summary
 
 
@@ -314,7 +498,7 @@ def summarise(out: Path, teachers) -> dict:
     """Kept / hinted / dropped per class and each teacher's blind accuracy and failures."""
     per_class = {c: Counter() for c in EMOTIONS}
     blind = defaultdict(Counter)
-    for p in read_jsonl(progress_path(out)):
+    for p in read_jsonl(progress_path(out)) if progress_path(out).exists() else []:
         per_class[p["label"]][p["status"]] += 1
         for name, outcome in p["blind"].items():
             blind[name][outcome] += 1
@@ -341,13 +525,24 @@ def main(argv=None) -> dict:
     p.add_argument("--teacher", action="append", required=True, help="toy:NAME | hf:PATH | openai:URL#MODEL; repeat (>= 2 for cross-checks)")
     p.add_argument("--out", required=True, help="output JSONL of COT records (appended; resumable)")
     p.add_argument("--rationalize", action="store_true", help="ask teachers for label-conditioned reasoning where none got it right")
-    p.add_argument("--min-votes", type=int, default=0, help="keep only candidates with at least this many cross-check votes")
-    p.add_argument("--limit", type=int, help="only the first N records of the split")
-    p.add_argument("--workers", type=int, default=8, help="concurrent requests per HTTP teacher")
-    p.add_argument("--chunk", type=int, default=32, help="images per processing chunk")
+    p.add_argument("--min-votes", type=int_at_least(0), default=0, help="keep only candidates with at least this many cross-check votes")
+    p.add_argument("--limit", type=int_at_least(1), help="only the first N records of the split")
+    p.add_argument("--workers", type=int_at_least(1), default=8, help="concurrent requests per HTTP teacher")
+    p.add_argument("--chunk", type=int_at_least(1), default=32, help="images per processing chunk")
     p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
+    p.add_argument("--timeout", type=float_in(0, lo_open=True), default=120.0, help="seconds per HTTP request, whole reply included")
+    p.add_argument("--retries", type=int_at_least(0), default=4, help="retries of a failed HTTP request (backoff 1, 2, 4... s)")
+    p.add_argument("--retry-after-cap", type=float_in(0), default=60.0, help="longest wait honoured from a Retry-After header, seconds")
+    p.add_argument("--max-reply-bytes", type=int_at_least(1), default=2 ** 20, help="larger HTTP replies count as malformed")
     args = p.parse_args(argv)
-    teachers = [make_teacher(spec, args.workers) for spec in args.teacher]
+    if problem := output_path_problem(args.out, "file"):
+        p.error(problem)
+    http_options = dict(timeout=args.timeout, retries=args.retries, retry_after_cap=args.retry_after_cap,
+                        max_reply_bytes=args.max_reply_bytes)
+    try:
+        teachers = [make_teacher(spec, args.workers, **http_options) for spec in args.teacher]
+    except ValueError as e:
+        p.error(str(e))
     if len({t.name for t in teachers}) != len(teachers):
         p.error("teacher names must be distinct")
     records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing, limit=args.limit)
@@ -358,5 +553,11 @@ def main(argv=None) -> dict:
     return summary
 
 
+def exit_code(summary: dict) -> int:
+    """0 when every image is done (or unreadable: warned, listed, counted); EXIT_INCOMPLETE while
+    images remain that a teacher could not be reached for (rerun the same command)."""
+    return EXIT_INCOMPLETE if summary["not_done"]["transport"] or summary["not_done"]["not_started"] else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))

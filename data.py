@@ -8,10 +8,14 @@ the data folder moves.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import random
+import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -64,6 +68,24 @@ class DataError(ValueError):
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def path_in_root(root: str | os.PathLike, rel: str, where: str) -> Path:
+    """ROOT/rel, refused (DataError naming `where`) unless it stays inside the data root.
+
+    A split or COT file is input like any other: an entry such as "../../etc/x.png", an absolute
+    path, or a symlink that points outside ROOT would make the reader open files the user never
+    meant to hand over. Symlinks are resolved, so a link inside ROOT to a file inside ROOT is fine."""
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"{where}: expected a non-empty relative path, got {rel!r}")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise DataError(f"{where}: path {rel!r} leaves the data root {root} (absolute or with '..'); "
+                        "paths must be relative to the data root")
+    path = Path(root) / rel
+    real, real_root = path.resolve(), Path(root).resolve()
+    if real != real_root and real_root not in real.parents:
+        raise DataError(f"{where}: path {rel!r} resolves to {real}, outside the data root {real_root} (a symlink?)")
+    return path
+
+
 def _parse_split_entry(entry, where: str) -> dict:
     if not isinstance(entry, list) or len(entry) not in (3, 4) or not all(isinstance(x, str) for x in entry):
         raise DataError(f"{where}: expected [emotion, (image_id,) image_path, annotation_path], got {entry!r}")
@@ -86,12 +108,14 @@ def _parse_split_entry(entry, where: str) -> dict:
 
 
 def read_emoset_split(root: str | os.PathLike, split: str, skip_missing: bool = False,
-                      limit: int | None = None) -> tuple[list[dict], dict]:
+                      limit: int | None = None, allow_empty: bool = False) -> tuple[list[dict], dict]:
     """Read ``ROOT/<split>.json`` into records.
 
     Returns ``(records, report)`` where ``report`` counts what was read and, with
     ``skip_missing=True``, which entries were skipped because their image file is missing
-    (without it a missing image is an error). Nothing is dropped silently.
+    (without it a missing image is an error). Nothing is dropped silently. Every image and
+    annotation path must stay inside ROOT (see `path_in_root`). A split with no usable entry is
+    an error unless ``allow_empty`` (training reads val that way, and skips evaluation).
     """
     root = Path(root)
     path = root / f"{split}.json"
@@ -111,6 +135,9 @@ def read_emoset_split(root: str | os.PathLike, split: str, skip_missing: bool = 
         if record["id"] in seen:
             raise DataError(f"{where}: duplicate image id {record['id']!r}")
         seen.add(record["id"])
+        for key in ("image", "annotation"):
+            if key in record:
+                path_in_root(root, record[key], f"{where} ({key})")
         if not (root / record["image"]).is_file():
             if not skip_missing:
                 raise DataError(f"{where}: image file not found: {root / record['image']} "
@@ -122,14 +149,28 @@ def read_emoset_split(root: str | os.PathLike, split: str, skip_missing: bool = 
             break
     report = {"split": split, "file": str(path), "read": len(records), "skipped_missing": len(skipped),
               "skipped_ids": skipped[:20], "per_class": dict(Counter(r["label"] for r in records))}
+    if not records and not allow_empty:
+        why = f" ({len(skipped)} skipped for missing images)" if skipped else ""
+        raise DataError(f"{path}: the {split} split has no usable entries{why}")
     return records, report
+
+
+def read_val_for_training(root: str | os.PathLike, eval_every: int, limit: int | None) -> list[dict]:
+    """Validation records for the periodic evaluation during training: [] when it is off
+    (eval_every == 0) or the val split is empty, the latter with one warning (training goes on)."""
+    if not eval_every:
+        return []
+    val, _ = read_emoset_split(root, "val", skip_missing=True, limit=limit, allow_empty=True)
+    if not val:
+        warn(f"{Path(root) / 'val.json'} has no usable entries: evaluation during training is skipped")
+    return val
 
 
 def read_annotation(root: str | os.PathLike, record: dict) -> dict:
     """The per-image annotation JSON of a record (EmoSet attributes), or {} if it has none."""
     if "annotation" not in record:
         return {}
-    path = Path(root) / record["annotation"]
+    path = path_in_root(root, record["annotation"], f"annotation of {record['id']!r}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
@@ -139,15 +180,163 @@ def read_annotation(root: str | os.PathLike, record: dict) -> dict:
 
 
 def load_image(root: str | os.PathLike, record: dict) -> Image.Image:
-    """The record's image as RGB (grayscale / RGBA / palette inputs are converted)."""
-    path = Path(root) / record["image"]
+    """The record's image as RGB (grayscale / RGBA / palette inputs are converted).
+
+    Any file PIL cannot decode (truncated, corrupt, not an image) and any image larger than
+    PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, checked from the header before any
+    pixel is decoded) raises DataError naming the file and the record."""
+    path = path_in_root(root, record["image"], f"image of {record['id']!r}")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():   # PIL only warns between 1x and 2x the limit: refuse those too
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels is over the limit of "
+                                                       f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
+                return im.convert("RGB")
     except FileNotFoundError as e:
         raise DataError(f"{path}: image of {record['id']!r} not found") from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image of {record['id']!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 -- PIL's decoders raise OSError, ValueError, SyntaxError, EOFError...
+        raise DataError(f"{path}: cannot read image of {record['id']!r}: {type(e).__name__}: {e}") from e
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (tqdm bars stay on their own line)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_images(root: str | os.PathLike, records: list[dict], skipped: dict) -> tuple[list[dict], list]:
+    """(readable records, their images): unreadable images are left out, not fatal.
+
+    `skipped` maps record id -> reason and is shared across calls by the caller (it is the count
+    to report); each image gets ONE warning, the first time it fails. The same records always
+    give the same result, so a resumed run sees exactly the batches of an uninterrupted one."""
+    kept, images = [], []
+    for r in records:
+        try:
+            images.append(load_image(root, r))
+            kept.append(r)
+        except DataError as e:
+            if r["id"] not in skipped:
+                warn(f"skipping unreadable image: {e}")
+            skipped[r["id"]] = str(e)
+    return kept, images
+
+
+# ----------------------------------------------------------------------------------------------
+# COT records (cot_builder.py's output, sft.py's input), validated when loaded
+# ----------------------------------------------------------------------------------------------
+COT_FIELDS = ("id", "image", "label", "think", "answer")
+COT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+MAX_THINK_CHARS = 4096  # a real teacher's ~512-token reasoning is ~2-3k characters
+
+
+def cot_record_problem(record: dict, root: str | os.PathLike, max_think_chars: int = MAX_THINK_CHARS,
+                       forbidden: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with one COT record, or None. `forbidden`: strings that must not appear in
+    the reasoning or answer (the model's special tokens: an image placeholder inside a target
+    makes the forward pass fail, an end-of-turn token would teach the model to stop mid-thought)."""
+    missing = [k for k in COT_FIELDS if k not in record]
+    if missing:
+        return f"missing fields {missing}"
+    for key in COT_FIELDS:
+        value = record[key]
+        if not isinstance(value, str):
+            return f"{key} is {'null' if value is None else type(value).__name__}, expected a string"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{key} is not valid UTF-8 text (a lone surrogate?)"
+    if record["label"] not in EMOTIONS:
+        return f"unknown label {record['label']!r}"
+    if record["answer"] != record["label"]:
+        return f"answer {record['answer']!r} differs from label {record['label']!r}"
+    if len(record["think"]) > max_think_chars:
+        return f"think is {len(record['think'])} characters, over the cap of {max_think_chars} (--max-think-chars)"
+    for text_key in ("think", "answer"):
+        for token in COT_TAGS + tuple(forbidden):
+            if token in record[text_key]:
+                return f"{text_key} contains {token!r}"
+    try:
+        path = path_in_root(root, record["image"], "image")
+    except DataError as e:
+        return str(e)
+    if not path.is_file():
+        return f"image file not found: {path}"
+    return None
+
+
+def read_cot_records(path: str | os.PathLike, root: str | os.PathLike, max_think_chars: int = MAX_THINK_CHARS,
+                     forbidden: tuple[str, ...] = (), skip_invalid: bool = False) -> tuple[list[dict], dict]:
+    """COT records of a JSONL file, each validated (`cot_record_problem`; duplicate ids too).
+
+    A bad record is a DataError naming file and line, or, with ``skip_invalid``, left out and
+    counted in the report (with the first few messages, also printed as one warning)."""
+    records, problems, first_line = [], [], {}
+    for lineno, record in read_jsonl_lines(path):
+        problem = cot_record_problem(record, root, max_think_chars, forbidden)
+        if problem is None and record["id"] in first_line:
+            problem = f"duplicate id {record['id']!r} (first at line {first_line[record['id']]})"
+        if problem is not None:
+            message = f"{path} line {lineno}: {problem}"
+            if not skip_invalid:
+                raise DataError(message + " (pass --skip-invalid to skip and count such records)")
+            problems.append(message)
+            continue
+        first_line[record["id"]] = lineno
+        records.append(record)
+    if problems:
+        warn(f"skipped {len(problems)} invalid COT records of {path}, e.g.\n  " + "\n  ".join(problems[:5]))
+    if not records:
+        raise DataError(f"{path}: no usable COT records" + (f" ({len(problems)} invalid)" if problems else ""))
+    return records, {"read": len(records), "skipped_invalid": len(problems), "problems": problems[:20]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line checks shared by the scripts: argparse types, so a bad number is refused with the
+# flag's name (exit code 2) before anything is loaded.
+# ----------------------------------------------------------------------------------------------
+def int_at_least(lo: int):
+    """argparse type: an int >= lo."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value}")
+        return value
+    parse.__name__ = "int"   # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def float_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite float in the interval lo..hi (open or closed at either end)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        too_low = value <= lo if lo_open else value < lo
+        too_high = value >= hi if hi_open else value > hi
+        if not math.isfinite(value) or too_low or too_high:
+            interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open or hi == math.inf else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+def output_path_problem(path: str | os.PathLike, kind: str) -> str | None:
+    """Why `path` cannot be an output of `kind` "dir" or "file" (or None): checked at parse time
+    so a typo fails in a second, not after the model has loaded."""
+    path = Path(path)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        return f"--out {path} exists and is not a folder"
+    if kind == "file" and path.is_dir():
+        return f"--out {path} is a folder; expected a .jsonl file path"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"--out {path}: {parent} is not a folder"
+            if not os.access(parent, os.W_OK):
+                return f"--out {path}: {parent} is not writable"
+            break
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +356,12 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Yield the records of a JSONL file; a malformed line raises DataError naming file and line."""
+    for _, record in read_jsonl_lines(path):
+        yield record
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, record) pairs of a JSONL file, as read_jsonl."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -177,7 +372,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 raise DataError(f"{path} line {lineno}: malformed JSON ({e.msg}): {line[:80]!r}") from e
             if not isinstance(record, dict):
                 raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}")
-            yield record
+            yield lineno, record
 
 
 def repair_jsonl_tail(path: str | os.PathLike) -> int:

@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import vlm
-from data import (EMOTIONS, atomic_write_bytes, atomic_write_json, atomic_write_text, load_image, read_emoset_split,
-                  read_jsonl, valence)
+from data import (EMOTIONS, atomic_write_bytes, atomic_write_json, atomic_write_text, int_at_least, load_images,
+                  output_path_problem, read_emoset_split, read_jsonl, valence)
 from rewards import format_reward, normalize_emotion, parse_answer
 
 INVALID = "invalid"
@@ -87,12 +87,15 @@ def prediction_of(completion: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model, processor, root, records: list[dict], batch_size: int = 32, max_new_tokens: int = 96,
-            progress: bool = True) -> list[dict]:
-    """Greedy completions for records, batched. One dict per record (id, label, completion, ...)."""
+            progress: bool = True, skipped: dict | None = None) -> list[dict]:
+    """Greedy completions for records, batched. One dict per readable record (id, label,
+    completion, ...); unreadable images are left out, warned about once and added to `skipped`."""
     out = []
+    skipped = {} if skipped is None else skipped
     for s in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress, leave=False):
-        chunk = records[s:s + batch_size]
-        images = [load_image(root, r) for r in chunk]
+        chunk, images = load_images(root, records[s:s + batch_size], skipped)
+        if not chunk:
+            continue
         rollout = vlm.sample_completions(model, processor, images, group_size=1, max_new_tokens=max_new_tokens,
                                          do_sample=False)
         for r, text, cut in zip(chunk, rollout.texts, rollout.truncated.tolist()):
@@ -100,9 +103,11 @@ def predict(model, processor, root, records: list[dict], batch_size: int = 32, m
     return out
 
 
-def evaluate(model, processor, root, records, batch_size=32, max_new_tokens=96, progress=True):
-    """(metrics, predictions) of a model on records."""
-    predictions = predict(model, processor, root, records, batch_size, max_new_tokens, progress)
+def evaluate(model, processor, root, records, batch_size=32, max_new_tokens=96, progress=True, skipped=None):
+    """(metrics, predictions) of a model on records (unreadable images: see `predict`)."""
+    predictions = predict(model, processor, root, records, batch_size, max_new_tokens, progress, skipped)
+    if not predictions:
+        raise ValueError(f"none of the {len(records)} images could be read (see the warnings above)")
     metrics = classification_metrics([p["pred"] for p in predictions], [p["label"] for p in predictions],
                                      [p["format"] for p in predictions])
     return metrics, predictions
@@ -219,14 +224,16 @@ def main(argv=None) -> None:
     p.add_argument("--name", action="append", help="row name per --model (default: the folder name)")
     p.add_argument("--data", help="EmoSet-layout data root")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--limit", type=int_at_least(1), help="evaluate only the first N records")
     p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
+    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=96, help="completion length limit")
     p.add_argument("--out", default="runs/eval", help="output folder for tables, predictions and pictures")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     args = p.parse_args(argv)
+    if problem := output_path_problem(args.out, "dir"):
+        p.error(problem)
     if args.aggregate:
         table = aggregate(args.aggregate)
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -244,21 +251,26 @@ def main(argv=None) -> None:
         print(f"skipped {report['skipped_missing']} entries with missing images: {report['skipped_ids']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, unreadable = {}, {}   # unreadable: id -> reason, shared so each image is warned about once
     for name, path in zip(names, args.model):
         model, processor = vlm.load_model(path, args.dtype, args.device)
         start = time.perf_counter()
-        metrics, predictions = evaluate(model, processor, args.data, records, args.batch_size, args.max_new_tokens)
+        metrics, predictions = evaluate(model, processor, args.data, records, args.batch_size, args.max_new_tokens,
+                                        skipped=unreadable)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
+        metrics["skipped_unreadable"] = len(unreadable)
         metrics["model"] = str(path)
         results[name] = metrics
         atomic_write_text(out / f"predictions_{name}.jsonl", "".join(json.dumps(x) + "\n" for x in predictions))
-        confusion_png(metrics["confusion"], out / f"confusion_{name}.png", f"{name} ({args.split}, n={len(records)})")
+        confusion_png(metrics["confusion"], out / f"confusion_{name}.png", f"{name} ({args.split}, n={metrics['n']})")
         print(f"{name}: accuracy {metrics['accuracy']:.3f}, UAR {metrics['uar']:.3f} ({metrics['seconds']} s)")
     table = markdown_table(results)
-    atomic_write_json(out / "results.json", {"split": args.split, "n": len(records), "results": results})
+    n = len(records) - len(unreadable)
+    atomic_write_json(out / "results.json", {"split": args.split, "n": n, "skipped_unreadable": sorted(unreadable),
+                                             "results": results})
     atomic_write_text(out / "results.md", table)
-    print(f"\n{args.split} split, n = {len(records)} (all numbers in %)\n\n{table}")
+    skipped = f", {len(unreadable)} unreadable images skipped" if unreadable else ""
+    print(f"\n{args.split} split, n = {n}{skipped} (all numbers in %)\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 import eval as evaluation
 import vlm
-from data import (EpochSampler, append_jsonl, atomic_write_json, cot_target, label_target, load_image,
-                  read_emoset_split, read_jsonl, truncate_jsonl_after_step)
+from data import (MAX_THINK_CHARS, EpochSampler, append_jsonl, atomic_write_json, cot_target, float_in, int_at_least,
+                  label_target, load_images, output_path_problem, read_cot_records, read_emoset_split,
+                  read_val_for_training, truncate_jsonl_after_step)
 
 IGNORE = -100
 TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template is rendered once
@@ -89,15 +90,13 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) ->
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def load_examples(args) -> list[dict]:
-    """Records with their training target: COT records from --cot, or labels from --data."""
+def load_examples(args, processor) -> list[dict]:
+    """Records with their training target: COT records from --cot (validated, see
+    data.read_cot_records; the model's special tokens may not appear in a target), or labels."""
     if args.mode == "cot":
-        examples = []
-        for i, r in enumerate(read_jsonl(args.cot)):
-            missing = {"id", "image", "label", "think", "answer"} - set(r)
-            if missing:
-                raise ValueError(f"{args.cot} record {i + 1} ({r.get('id')}): missing fields {sorted(missing)}")
-            examples.append({**r, "target": cot_target(r["think"], r["answer"])})
+        records, _ = read_cot_records(args.cot, args.data, args.max_think_chars,
+                                      tuple(processor.tokenizer.all_special_tokens), args.skip_invalid)
+        examples = [{**r, "target": cot_target(r["think"], r["answer"])} for r in records]
     else:
         records, report = read_emoset_split(args.data, "train", skip_missing=args.skip_missing, limit=args.limit)
         if report["skipped_missing"]:
@@ -118,45 +117,50 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="EmoSet-layout data root (images; labels in --mode label)")
     p.add_argument("--cot", help="COT records JSONL from cot_builder.py (--mode cot)")
     p.add_argument("--out", required=True, help="run folder: checkpoint/, metrics.jsonl, run_config.json")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3 for the tiny model; ~1e-5 for 1-2B)")
-    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int_at_least(1), default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float_in(0), default=2e-3, help="peak learning rate (2e-3 for the tiny model; ~1e-5 for 1-2B)")
+    p.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float_in(0), default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float_in(0, lo_open=True), default=1.0, help="gradient clipping norm")
     p.add_argument("--seed", type=int, default=0, help="seed for init-free randomness and data order")
-    p.add_argument("--limit", type=int, help="use only the first N training examples")
+    p.add_argument("--limit", type=int_at_least(1), help="use only the first N training examples")
     p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
-    p.add_argument("--eval-every", type=int, default=100, help="validation accuracy every N steps (0: never)")
-    p.add_argument("--eval-limit", type=int, default=200, help="validation records per evaluation")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid COT records instead of stopping")
+    p.add_argument("--max-think-chars", type=int_at_least(1), default=MAX_THINK_CHARS, help="longest accepted COT reasoning, in characters")
+    p.add_argument("--eval-every", type=int_at_least(0), default=100, help="validation accuracy every N steps (0: never)")
+    p.add_argument("--eval-limit", type=int_at_least(1), default=200, help="validation records per evaluation")
+    p.add_argument("--save-every", type=int_at_least(1), default=100, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, scheduler, RNG, data order)")
-    p.add_argument("--stop-after", type=int, help="save and stop after N steps of this invocation (split a run; --resume continues)")
+    p.add_argument("--stop-after", type=int_at_least(1), help="save and stop after N steps of this invocation (split a run; --resume continues)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=list(vlm.DTYPES), help="weights dtype (keep float32 with --bf16 autocast)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="generation length in validation")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=96, help="generation length in validation")
     args = p.parse_args(argv)
     if args.mode == "cot" and not args.cot:
         p.error("--mode cot needs --cot FILE.jsonl")
+    if problem := output_path_problem(args.out, "dir"):
+        p.error(problem)
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
-    resume = args.resume and (ckpt / "trainer_state.pt").is_file()
+    resume = vlm.resume_point(out, args.resume)   # recovers an interrupted save; refuses a --resume with no state
     vlm.seed_everything(args.seed)
     model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing)
     device = next(model.parameters()).device
     if args.freeze_vision:
         for prm in vlm.vision_parameters(model):
             prm.requires_grad_(False)
-    examples = load_examples(args)
-    val, _ = read_emoset_split(args.data, "val", skip_missing=True, limit=args.eval_limit)
+    examples = load_examples(args, processor)
+    val = read_val_for_training(args.data, args.eval_every, args.eval_limit)
+    unreadable = {}   # id -> reason of images skipped (one warning each)
     params = [prm for prm in model.parameters() if prm.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
@@ -183,8 +187,10 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for _ in range(args.grad_accum):
-            chunk = [examples[i] for i in sampler.next_batch(args.batch_size)]
-            batch = build_sft_batch(processor, [load_image(args.data, r) for r in chunk], [r["target"] for r in chunk])
+            chunk, images = load_images(args.data, [examples[i] for i in sampler.next_batch(args.batch_size)], unreadable)
+            if not chunk:
+                continue
+            batch = build_sft_batch(processor, images, [r["target"] for r in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 loss = sft_loss(model, batch) / args.grad_accum
@@ -198,11 +204,16 @@ def main(argv=None) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        try:
+            vlm.require_finite_weights(model)
+        except vlm.NonFiniteError as e:
+            raise SystemExit(f"stopped at step {step + 1}: {e} after the optimizer step; the last good checkpoint is {ckpt}") from e
         step += 1
         record = {"step": step, "loss": loss_value, "grad_norm": grad_value,
                   "lr": scheduler.get_last_lr()[0], "step_s": round(time.perf_counter() - t0, 4)}
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=args.max_new_tokens, progress=False)
+        if val and (step % args.eval_every == 0 or step == args.steps):
+            metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=args.max_new_tokens,
+                                             progress=False, skipped=unreadable)
             record.update(val_accuracy=metrics["accuracy"], val_format_rate=metrics["format_rate"])
             model.train()
         append_jsonl(out / "metrics.jsonl", record)
@@ -214,7 +225,9 @@ def main(argv=None) -> dict:
     evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if not (ckpt / "config.json").is_file():
         save()
-    return {"out": str(out), "step": step}
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable images (named in the warnings above)")
+    return {"out": str(out), "step": step, "unreadable_images": len(unreadable)}
 
 
 if __name__ == "__main__":

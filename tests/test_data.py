@@ -1,6 +1,9 @@
 """The EmoSet-layout reader and the crash-safe JSONL helpers."""
 
 import json
+import re
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -144,3 +147,134 @@ def test_truncate_log_after_step(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [1, 2]
     truncate_jsonl_after_step(path, 0)                    # a fresh run starts its log afresh
     assert list(read_jsonl(path)) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: paths outside the root, empty splits, invalid COT records, unreadable images, flags
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["../outside.jpg", "image/../../outside.jpg", "/tmp/outside.jpg", "link/outside.jpg"])
+def test_paths_leaving_the_data_root_are_refused(tmp_path, bad):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "outside.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.jpg")
+    make_emoset(root, [GOOD4])
+    (root / "link").symlink_to(outside)            # a symlink inside the root that points out of it
+    (root / "train.json").write_text(json.dumps([GOOD4, ["anger", "x1", bad, "annotation/anger/anger_00001.json"]]))
+    with pytest.raises(DataError, match=r"train\.json entry 1 \(image\): path .*(leaves|outside) the data root"):
+        read_emoset_split(root, "train")
+    with pytest.raises(DataError, match="outside|leaves"):
+        load_image(root, {"id": "x1", "image": bad})
+
+
+def test_a_symlink_inside_the_root_is_fine(tmp_path):
+    make_emoset(tmp_path, [GOOD4])
+    (tmp_path / "image" / "alias").symlink_to(tmp_path / "image" / "anger")
+    (tmp_path / "train.json").write_text(json.dumps([["anger", "a", "image/alias/anger_00001.jpg", GOOD4[3]]]))
+    records, _ = read_emoset_split(tmp_path, "train")
+    assert load_image(tmp_path, records[0]).size == (8, 8)
+
+
+def test_an_empty_split_is_a_clear_error_and_training_skips_evaluation(tmp_path, capsys):
+    from data import read_val_for_training
+
+    make_emoset(tmp_path, [], split="val")
+    with pytest.raises(DataError, match=r"val\.json: the val split has no usable entries"):
+        read_emoset_split(tmp_path, "val")
+    assert read_emoset_split(tmp_path, "val", allow_empty=True)[0] == []
+    assert read_val_for_training(tmp_path, eval_every=10, limit=5) == []
+    assert "evaluation during training is skipped" in capsys.readouterr().err
+    assert read_val_for_training(tmp_path / "absent", eval_every=0, limit=5) == []   # off: not even read
+
+
+COT_OK = {"id": "anger_00001", "image": GOOD4[2], "label": "anger", "think": "red on dark", "answer": "anger"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"think": None}, "think is null, expected a string"),
+    ({"think": "dark <think> red"}, "think contains '<think>'"),
+    ({"think": "dark </answer>"}, "think contains '</answer>'"),
+    ({"think": "look at <image> here"}, "think contains '<image>'"),     # a special token (passed as forbidden)
+    ({"think": "x" * 200_000}, "think is 200000 characters, over the cap of 4096"),
+    ({"answer": "fear"}, "answer 'fear' differs from label 'anger'"),
+    ({"label": "joy", "answer": "joy"}, "unknown label 'joy'"),
+    ({"image": "../x.jpg"}, "image: path '../x.jpg' leaves the data root"),
+    ({"image": "image/anger/missing.jpg"}, "image file not found"),
+    ({"think": "\ud800"}, "think is not valid UTF-8"),
+    ({"answer": None, "think": 3}, "think is int"),
+])
+def test_cot_records_are_validated_with_file_and_line(tmp_path, change, message):
+    from data import read_cot_records
+
+    make_emoset(tmp_path, [GOOD4, GOOD3])
+    path = tmp_path / "cot.jsonl"
+    good2 = {**COT_OK, "id": "awe_00002", "image": GOOD3[1], "label": "awe", "answer": "awe"}
+    lines = [COT_OK, good2, {**COT_OK, "id": "bad", **change}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(DataError, match=r"cot\.jsonl line 3: " + re.escape(message)):
+        read_cot_records(path, tmp_path, forbidden=("<image>",))
+    records, report = read_cot_records(path, tmp_path, forbidden=("<image>",), skip_invalid=True)
+    assert [r["id"] for r in records] == ["anger_00001", "awe_00002"] and report["skipped_invalid"] == 1
+
+
+def test_duplicate_cot_ids_name_both_lines(tmp_path):
+    from data import read_cot_records
+
+    make_emoset(tmp_path, [GOOD4])
+    path = tmp_path / "cot.jsonl"
+    path.write_text((json.dumps(COT_OK) + "\n") * 2)
+    with pytest.raises(DataError, match=r"line 2: duplicate id 'anger_00001' \(first at line 1\)"):
+        read_cot_records(path, tmp_path)
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A ~60-byte PNG claiming width x height pixels: its header, then an empty IDAT and IEND."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt", "not_an_image", "bomb", "just_over_the_limit", "empty"])
+def test_unreadable_images_raise_a_named_error_and_are_skipped_with_one_warning(tmp_path, capsys, kind):
+    from data import load_images
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "good.png")
+    png = (tmp_path / "good.png").read_bytes()
+    content = {"truncated": png[:len(png) // 2], "corrupt": png[:40] + bytes(len(png) - 40),
+               "not_an_image": b"hello, I am text", "bomb": huge_png_header(100_000, 100_000),
+               "just_over_the_limit": huge_png_header(10_000, 9_000), "empty": b""}[kind]
+    (tmp_path / "bad.png").write_bytes(content)
+    bad = {"id": "b", "image": "bad.png"}
+    with pytest.raises(DataError, match=r"bad\.png: cannot read image of 'b'") as e:
+        load_image(tmp_path, bad)
+    if kind in ("bomb", "just_over_the_limit"):
+        assert "DecompressionBombError" in str(e.value)
+    skipped = {}
+    for _ in range(2):   # the same bad image twice: skipped twice, warned about once
+        kept, images = load_images(tmp_path, [{"id": "g", "image": "good.png"}, bad], skipped)
+        assert [r["id"] for r in kept] == ["g"] and images[0].size == (64, 64)
+    assert list(skipped) == ["b"]
+    assert capsys.readouterr().err.count("skipping unreadable image") == 1
+
+
+def test_numeric_flag_types_refuse_bad_values():
+    import argparse
+
+    from data import float_in, int_at_least, output_path_problem
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int_at_least(1))
+    p.add_argument("--top-p", type=float_in(0, 1, lo_open=True))
+    assert p.parse_args(["--steps", "3", "--top-p", "1"]).steps == 3
+    for bad in (["--steps", "0"], ["--steps", "x"], ["--top-p", "0"], ["--top-p", "nan"], ["--top-p", "1.5"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="must be an integer >= 1, got 0"):
+        int_at_least(1)("0")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be a finite number in \(0, 1\], got inf"):
+        float_in(0, 1, lo_open=True)("inf")
+    assert output_path_problem(__file__, "dir").endswith("exists and is not a folder")
+    assert "is a folder" in output_path_problem("/tmp", "file")
+    assert "is not a folder" in output_path_problem(__file__ + "/sub/out", "dir")
+    assert output_path_problem("/tmp/some/new/run", "dir") is None
