@@ -377,6 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--ref-dtype", choices=["float32", "bfloat16", "float16"], help="reference model dtype (default: --dtype); bfloat16 halves its memory")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
+    p.add_argument("--max-image-tokens", type=int_at_least(1), help="bound the image tokens of one image through the family's own knob (Qwen max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids); default: the checkpoint's")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     args = p.parse_args(argv)
@@ -394,7 +395,8 @@ def main(argv=None) -> dict:
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
     # --model, frozen: KL is measured against where this stage started.
-    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing)
+    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing,
+                                      max_image_tokens=args.max_image_tokens)
     device = next(model.parameters()).device
     if args.freeze_vision:
         for prm in vlm.vision_parameters(model):

@@ -230,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=96, help="completion length limit")
     p.add_argument("--out", default="runs/eval", help="output folder for tables, predictions and pictures")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-image-tokens", type=int_at_least(1), help="bound the image tokens of one image through the family's own knob (Qwen max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids); default: the checkpoint's")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     args = p.parse_args(argv)
     if problem := output_path_problem(args.out, "dir"):
@@ -253,7 +254,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results, unreadable = {}, {}   # unreadable: id -> reason, shared so each image is warned about once
     for name, path in zip(names, args.model):
-        model, processor = vlm.load_model(path, args.dtype, args.device)
+        model, processor = vlm.load_model(path, args.dtype, args.device, max_image_tokens=args.max_image_tokens)
         start = time.perf_counter()
         metrics, predictions = evaluate(model, processor, args.data, records, args.batch_size, args.max_new_tokens,
                                         skipped=unreadable)

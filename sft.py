@@ -137,6 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=list(vlm.DTYPES), help="weights dtype (keep float32 with --bf16 autocast)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
+    p.add_argument("--max-image-tokens", type=int_at_least(1), help="bound the image tokens of one image through the family's own knob (Qwen max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids); default: the checkpoint's")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=96, help="generation length in validation")
@@ -153,7 +154,8 @@ def main(argv=None) -> dict:
     out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
     resume = vlm.resume_point(out, args.resume)   # recovers an interrupted save; refuses a --resume with no state
     vlm.seed_everything(args.seed)
-    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing)
+    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing,
+                                      max_image_tokens=args.max_image_tokens)
     device = next(model.parameters()).device
     if args.freeze_vision:
         for prm in vlm.vision_parameters(model):

@@ -154,7 +154,7 @@ def test_every_command_line_runs_two_steps(family, toy_data, tmp_path):
         lines = [json.loads(x) for x in open(tmp_path / mode / "metrics.jsonl")]
         assert len(lines) == 2 and all(math.isfinite(x["loss"]) for x in lines)
     clgrpo.main(["--stage", "3", "--model", str(tmp_path / "cot"), "--out", str(tmp_path / "rl"), "--num-generations", "2",
-                 "--max-new-tokens", "8", "--lr", "1e-4", *common])
+                 "--max-new-tokens", "8", "--lr", "1e-4", "--max-image-tokens", str(BUDGETS[name][1]), *common])
     lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
     assert len(lines) == 2 and all(math.isfinite(x["reward_mean"]) for x in lines)
     evaluation.main(["--model", str(tmp_path / "rl"), "--data", str(toy_data), "--limit", "4", "--max-new-tokens", "8",
