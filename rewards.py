@@ -69,12 +69,12 @@ def parse_answer(text: str) -> str | None:
     is not parse's business. Tags are case-sensitive: ``<ANSWER>`` is plain text."""
     if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:
         return None
-    start, end = text.find(ANSWER_OPEN) + len(ANSWER_OPEN), text.find(ANSWER_CLOSE)
-    if end < start:
-        return None
+    end = text.find(ANSWER_CLOSE)
     if text[end + len(ANSWER_CLOSE):].strip():
-        return None  # something after the answer: a retraction, a second opinion, chatter
-    return text[start:end].strip()
+        # something after the answer (a retraction, a second opinion, chatter), or the
+        # reversed "</answer>...<answer>", whose opening tag is itself text after the close
+        return None
+    return text[text.find(ANSWER_OPEN) + len(ANSWER_OPEN):end].strip()
 
 
 def normalize_emotion(text: str | None) -> str | None:
