@@ -140,8 +140,8 @@ MUTATIONS = [
     Mutation("trailing text after </answer> allowed", "rewards.py",
              "if text[end + len(ANSWER_CLOSE):].strip():", "if False:", REWARDS),
     Mutation("case-insensitive tags in parse_answer", "rewards.py",
-             '    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:\n        return None\n    start',
-             '    text = text.lower()\n    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:\n        return None\n    start',
+             '    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:\n        return None\n    end',
+             '    text = text.lower()\n    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:\n        return None\n    end',
              REWARDS),
     Mutation("case-insensitive tags in format_reward", "rewards.py",
              "    if any(text.count(tag) != 1 for tag in TAGS):", "    text = text.lower()\n    if any(text.count(tag) != 1 for tag in TAGS):",
@@ -216,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="print the mutation names and exit")
     args = p.parse_args(argv)
     chosen = [m for m in MUTATIONS if args.k.lower() in m.name.lower()]
+    if not chosen:
+        print(f"no mutation name contains {args.k!r}; see --list")
+        return 2
     if args.list:
         print("\n".join(f"{m.file:11} {m.name}" for m in chosen))
         return 0

@@ -26,11 +26,15 @@ def test_group_advantages_two_groups_by_hand():
 
 def test_group_advantages_equal_rewards_are_exact_zeros():
     # Eight copies of 0.1: in float32 their mean is NOT 0.1, so r - mean is rounding noise
-    # (~7e-9) and so is the std. Only an exact max == min test gives exact zeros here: a test
-    # on std == 0 misses the group, and dividing the noise by (std + eps) is not zero.
+    # (~7e-9), and dividing it by (std + eps) is not zero. Only an exact max == min test gives
+    # exact zeros whatever the reduction does: for a lone group torch's std is noise too
+    # (~8e-9), so a `std == 0` test misses it.
+    alone = torch.tensor([0.1] * 8)
+    assert (alone - alone.mean() != 0).all()                               # the premises that
+    assert alone.view(1, 8).std(dim=1, unbiased=True).item() != 0.0        # make this test bite
+    adv, zero_std = group_advantages(alone, group_size=8)
+    assert adv.tolist() == [0.0] * 8 and zero_std.tolist() == [True]
     rewards = torch.tensor([0.1] * 8 + [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
-    noisy = rewards[:8] - rewards[:8].mean()
-    assert (noisy != 0).all() and rewards[:8].std().item() != 0.0    # the premise that makes this test bite
     adv, zero_std = group_advantages(rewards, group_size=8)
     assert adv[:8].tolist() == [0.0] * 8
     assert zero_std.tolist() == [True, False]
