@@ -41,14 +41,25 @@ def confusion_matrix(preds: list[str | None], labels: list[str]) -> list[list[in
     return matrix
 
 
-def classification_metrics(preds: list[str | None], labels: list[str], formats: list[float] | None = None) -> dict:
+def classification_metrics(preds: list[str | None], labels: list[str], formats: list[float] | None = None,
+                           answers: list[str | None] | None = None) -> dict:
     """Accuracy, per-class recall, UAR (macro recall), macro F1, valence accuracy, rates.
 
-    A prediction of None (no parseable label) counts as wrong everywhere. Classes absent from
-    `labels` have recall None and are left out of the macro averages (no 0/0 NaN); a class
-    that is never predicted has precision 0."""
+    A prediction is one of the 8 labels, as `prediction_of` reads it with the reward's own
+    parser; anything else (None) is an invalid answer and counts as wrong everywhere:
+        invalid_rate     = share of completions with no valid prediction (the confusion
+                           matrix's 'invalid' column)
+        unparseable_rate = share with no answer at all, i.e. not exactly one answer block ending
+                           the completion (needs `answers`; None without them). The rest of the
+                           invalid ones have an answer block whose content is not one label word.
+        format_rate      = mean format reward (needs `formats`; None without them)
+    Classes absent from `labels` have recall None and are left out of the macro averages
+    (no 0/0 NaN); a class that is never predicted has precision 0."""
     if len(preds) != len(labels) or not labels:
         raise ValueError(f"classification_metrics: {len(preds)} predictions for {len(labels)} labels")
+    for name, extra in (("formats", formats), ("answers", answers)):
+        if extra is not None and len(extra) != len(labels):
+            raise ValueError(f"classification_metrics: {len(extra)} {name} for {len(labels)} labels")
     n = len(labels)
     cm = confusion_matrix(preds, labels)
     recall, f1 = {}, {}
@@ -71,13 +82,17 @@ def classification_metrics(preds: list[str | None], labels: list[str], formats: 
         "valence_accuracy": valence_hits / n,
         "format_rate": (sum(formats) / n) if formats is not None else None,
         "invalid_rate": sum(p not in EMOTIONS for p in preds) / n,
+        "unparseable_rate": (sum(a is None for a in answers) / n) if answers is not None else None,
         "per_class_recall": recall,
         "confusion": cm,
     }
 
 
 def prediction_of(completion: str) -> dict:
-    """What eval reads from one completion: the parsed answer, the label it names, its format."""
+    """What eval reads from one completion, with exactly the accuracy reward's parser:
+    `answer` = parse_answer (None: not exactly one answer block ending the completion),
+    `pred` = normalize_emotion(answer), i.e. rewards.predicted_label (None: not one label word),
+    `format` = format_reward. A completion earns accuracy reward 1 iff its `pred` is its label."""
     answer = parse_answer(completion)
     return {"answer": answer, "pred": normalize_emotion(answer), "format": format_reward(completion)}
 
@@ -109,7 +124,7 @@ def evaluate(model, processor, root, records, batch_size=32, max_new_tokens=96, 
     if not predictions:
         raise ValueError(f"none of the {len(records)} images could be read (see the warnings above)")
     metrics = classification_metrics([p["pred"] for p in predictions], [p["label"] for p in predictions],
-                                     [p["format"] for p in predictions])
+                                     [p["format"] for p in predictions], [p["answer"] for p in predictions])
     return metrics, predictions
 
 

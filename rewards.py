@@ -1,70 +1,116 @@
-"""Answer parsing, label normalisation, and the format / accuracy rewards (DESIGN section 5).
+"""Answer parsing, label normalisation, and the format / accuracy rewards.
+
+The policy optimises whatever the reward accepts, so the reward accepts exactly what the
+instruction asks for, one emotion word as the last thing in the completion, and nothing else:
+"not anger", "anger?", "maybe anger", "I feel anger", "anger anger" and
+"<answer>anger</answer> actually fear" all score 0 for the label anger. eval.py predicts with
+the same parser (`predicted_label`), so reported accuracy counts exactly what training rewards.
 
 Every function is pure and runs in time linear in the completion's length: only str.count,
-str.find and one character-class regex (which cannot backtrack), so a 1 MB completion or 100,000
-repeated opening tags are scored in milliseconds. A policy under RL *will* find pathological
-outputs; the reward must not be the thing that hangs.
+str.find, str.strip, slicing, a dictionary lookup and one pass over the *distinct* characters of
+a block; no regular expressions, so nothing can backtrack. A policy under RL *will* find
+pathological outputs (1 MB of text, 100,000 repeated tags); the reward must not hang on them.
 """
 
 from __future__ import annotations
 
-import re
+import unicodedata
 
 from data import EMOTIONS
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
-# Words that name each label: the label itself and its common inflections. Matching is on
-# whole words after lower-casing and turning every non-letter into a space.
+# The one-word answers that name each label: the label itself and its listed inflections
+# (adjectives and participles that name the feeling). Nothing else counts: no adverbs, no
+# verbs, no hyphenated or multi-word forms. An answer matches only as a whole, after
+# normalize_emotion's stripping and lower-casing.
 EMOTION_WORDS = {
-    "amusement": ("amusement", "amused", "amusing", "amuse"),
-    "awe": ("awe", "awed", "awestruck", "awestricken"),
-    "contentment": ("contentment", "content", "contented", "contentedness"),
-    "excitement": ("excitement", "excited", "exciting", "excite"),
-    "anger": ("anger", "angry", "angered", "angrily"),
+    "amusement": ("amusement", "amused", "amusing"),
+    "awe": ("awe", "awed", "awestruck"),
+    "contentment": ("contentment", "content", "contented"),
+    "excitement": ("excitement", "excited", "exciting"),
+    "anger": ("anger", "angry", "angered"),
     "disgust": ("disgust", "disgusted", "disgusting"),
-    "fear": ("fear", "afraid", "scared", "scary", "fearful", "frightened", "feared"),
-    "sadness": ("sadness", "sad", "saddened", "sadly"),
+    "fear": ("fear", "afraid", "scared", "scary", "fearful", "frightened"),
+    "sadness": ("sadness", "sad", "saddened"),
 }
 WORD_TO_EMOTION = {word: label for label, words in EMOTION_WORDS.items() for word in words}
 assert set(EMOTION_WORDS) == set(EMOTIONS)
-_NON_LETTERS = re.compile(r"[^a-z]+")  # a single character class: linear, no backtracking
+
+# Letters, numbers, punctuation and symbols are visible, except these few that render as blank
+# space although Unicode files them as letters or symbols (Hangul fillers, the blank Braille cell).
+# Whitespace (Z*), format characters such as U+200B / U+FEFF / U+2060 (Cf), other control,
+# private-use and unassigned code points (C*), and combining marks on their own (M*) are not.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def is_visible(ch: str) -> bool:
+    """True iff the single character `ch` draws something: Unicode category L*, N*, P* or S*,
+    and not one of the blank-rendering fillers."""
+    return unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_LETTERS
+
+
+def has_visible(text: str) -> bool:
+    """True iff `text` contains at least one visible character (see `is_visible`).
+
+    Checks each distinct character once: set() is one C-speed pass, so a megabyte of
+    zero-width spaces is a one-element set, and the work stays linear in len(text)."""
+    return any(map(is_visible, set(text)))
 
 
 def parse_answer(text: str) -> str | None:
-    """Stripped content of the answer tag when exactly one ``<answer>...</answer>`` pair exists.
+    """The stripped content of the answer tag, or None.
 
-    None when either tag is missing or repeated, or when the closing tag comes first."""
+    Not None only when the completion holds exactly one ``<answer>`` and one ``</answer>``, in
+    that order, and nothing but whitespace follows ``</answer>``: the answer ends the completion,
+    so "<answer>anger</answer> actually fear" is None. Text before ``<answer>`` (the think block)
+    is not parse's business. Tags are case-sensitive: ``<ANSWER>`` is plain text."""
     if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:
         return None
-    start, end = text.find(ANSWER_OPEN) + len(ANSWER_OPEN), text.find(ANSWER_CLOSE)
-    if end < start:
+    end = text.find(ANSWER_CLOSE)
+    if text[end + len(ANSWER_CLOSE):].strip():
+        # something after the answer (a retraction, a second opinion, chatter), or the
+        # reversed "</answer>...<answer>", whose opening tag is itself text after the close
         return None
-    return text[start:end].strip()
+    return text[text.find(ANSWER_OPEN) + len(ANSWER_OPEN):end].strip()
 
 
 def normalize_emotion(text: str | None) -> str | None:
-    """The one label ``text`` names, insensitive to case, whitespace and punctuation.
+    """The label that `text` names when it is exactly ONE label word; else None.
 
-    Inflections map to their label ("Angry!" -> anger, "scared" -> fear). None when the text
-    names no label, or names more than one different label ("anger or fear")."""
-    if not text:
+        strip surrounding whitespace -> drop at most one trailing "." or "!" -> lower-case
+        -> the whole remaining string must be a label or a listed inflection ("Angry!" -> anger)
+
+    A negation, hedge, question, list or sentence ("not anger", "maybe anger", "anger?",
+    "anger or fear", "I feel anger", "anger anger") is not the one word the instruction asks
+    for: None. So are "anger.." and "anger ." (one trailing mark, right after the word), and any
+    non-ASCII look-alike (the Kelvin sign lower-cases to "k", but it is not the letter)."""
+    if text is None:
         return None
-    words = _NON_LETTERS.sub(" ", text.lower()).split()
-    named = {WORD_TO_EMOTION[w] for w in words if w in WORD_TO_EMOTION}
-    return named.pop() if len(named) == 1 else None
+    word = text.strip()
+    if word.endswith((".", "!")):
+        word = word[:-1]
+    if not word.isascii():
+        return None
+    return WORD_TO_EMOTION.get(word.lower())
+
+
+def predicted_label(text: str) -> str | None:
+    """The label a completion predicts: normalize_emotion(parse_answer(text)). The accuracy
+    reward and eval.py both use this, so they cannot disagree about what counts."""
+    return normalize_emotion(parse_answer(text))
 
 
 def format_reward(text: str) -> float:
-    """1.0 iff the completion is exactly ``<think>T</think><answer>A</answer>`` with T and A
-    non-empty (not just whitespace), each tag exactly once, whitespace allowed only around and
-    between the two blocks; else 0.0.
+    """1.0 iff the whole completion is ``<think>T</think><answer>A</answer>``; else 0.0.
 
-    "Each tag exactly once" plus "think block first, answer block last" rules out nesting and
-    reordering: any tag inside the other block would be a second occurrence or out of place.
-    """
-    if any(text.count(tag) != 1 for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)):
+    Only whitespace before, between and after the two blocks; each of the four tags exactly
+    once, so nothing is nested, duplicated or unterminated; tags case-sensitive; and T and A
+    each contain a visible character (`has_visible`: whitespace and zero-width or other
+    invisible characters do not count). The answer's *content* is the accuracy reward's job."""
+    if any(text.count(tag) != 1 for tag in TAGS):
         return 0.0
     s = text.strip()
     if not (s.startswith(THINK_OPEN) and s.endswith(ANSWER_CLOSE)):
@@ -75,14 +121,16 @@ def format_reward(text: str) -> float:
     if not rest.startswith(ANSWER_OPEN):
         return 0.0  # text (not only whitespace) between the blocks, or answer before think
     answer = rest[len(ANSWER_OPEN):-len(ANSWER_CLOSE)]
-    return 1.0 if think.strip() and answer.strip() else 0.0
+    return 1.0 if has_visible(think) and has_visible(answer) else 0.0
 
 
 def accuracy_reward(text: str, label: str) -> float:
-    """1.0 iff normalize_emotion(parse_answer(text)) == label; else 0.0 (empty answers never score)."""
+    """1.0 iff predicted_label(text) == label, i.e. normalize_emotion(parse_answer(text)) == label;
+    else 0.0. No think block is required (the label baseline answers ``<answer>label</answer>``
+    alone): asking for reasoning is the format reward's job."""
     if label not in EMOTION_WORDS:
         raise ValueError(f"accuracy_reward: unknown label {label!r}")
-    return 1.0 if normalize_emotion(parse_answer(text)) == label else 0.0
+    return 1.0 if predicted_label(text) == label else 0.0
 
 
 # Named reward components. Each takes (completion text, label) and returns a float in [0, 1].

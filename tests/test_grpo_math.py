@@ -25,14 +25,34 @@ def test_group_advantages_two_groups_by_hand():
 
 
 def test_group_advantages_equal_rewards_are_exact_zeros():
-    # 0.1 is not exact in binary: mean - value is rounding noise that eps-division would inflate.
-    rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 1.0, 0.0, 1.0, 0.0])
-    adv, zero_std = group_advantages(rewards, group_size=4)
-    assert torch.isfinite(adv).all()
-    assert adv[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    # Eight copies of 0.1: in float32 their mean is NOT 0.1, so r - mean is rounding noise
+    # (~7e-9), and dividing it by (std + eps) is not zero. Only an exact max == min test gives
+    # exact zeros whatever the reduction does: for a lone group torch's std is noise too
+    # (~8e-9), so a `std == 0` test misses it.
+    alone = torch.tensor([0.1] * 8)
+    assert (alone - alone.mean() != 0).all()                               # the premises that
+    assert alone.view(1, 8).std(dim=1, unbiased=True).item() != 0.0        # make this test bite
+    adv, zero_std = group_advantages(alone, group_size=8)
+    assert adv.tolist() == [0.0] * 8 and zero_std.tolist() == [True]
+    rewards = torch.tensor([0.1] * 8 + [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    adv, zero_std = group_advantages(rewards, group_size=8)
+    assert adv[:8].tolist() == [0.0] * 8
     assert zero_std.tolist() == [True, False]
-    # [1,0,1,0]: mean 0.5, sample var (4 * 0.25) / 3 = 1/3
-    assert adv[4:].tolist() == pytest.approx([x / (math.sqrt(1 / 3) + 1e-4) for x in (0.5, -0.5, 0.5, -0.5)], abs=1e-6)
+    # [1,0,1,0,1,0,1,0]: mean 0.5, sample var (8 * 0.25) / 7 = 2/7
+    s = math.sqrt(2 / 7) + 1e-4
+    assert adv[8:].tolist() == pytest.approx([x / s for x in (0.5, -0.5) * 4], rel=1e-6)
+
+
+def test_group_advantages_tiny_real_spread_is_not_a_zero_std_group():
+    # [1, 1 + d, 1, 1] with d = 2^-20 (exact in float32): a real, tiny difference. Deviations
+    # [-d/4, 3d/4, -d/4, -d/4], sample var (3 d^2/16 + 9 d^2/16) / 3 = d^2/4, std = d/2.
+    # A std- or range-below-tolerance test would call this group "equal" and zero it. The
+    # eps = 1e-4 outside the sqrt dominates std = 4.8e-7: A = dev / (d/2 + 1e-4), not
+    # dev / sqrt(d^2/4 + 1e-4) (eps inside the sqrt, 100x smaller) nor dev / (d/2) (no eps, +-1.5).
+    d = 2.0 ** -20
+    adv, zero_std = group_advantages(torch.tensor([1.0, 1.0 + d, 1.0, 1.0]), group_size=4)
+    assert zero_std.tolist() == [False]
+    assert adv.tolist() == pytest.approx([x * d / (d / 2 + 1e-4) for x in (-0.25, 0.75, -0.25, -0.25)], rel=1e-4)
 
 
 def test_group_advantages_scale_none_is_centred_rewards():
@@ -127,6 +147,37 @@ def test_aggregations_on_uneven_lengths(aggregation, max_len, expected):
     assert masked_aggregate(VALUES, MASK, aggregation, max_len).item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("aggregation, max_len, expected", [
+    ("sequence", None, ((1 + 2) / 2 + 4 / 1 + 0) / 3),   # the empty row counts as a completion with mean 0
+    ("token", None, (1 + 2 + 4) / 3),
+    ("constant", None, (1 + 2 + 4) / (3 * 3)),
+    ("constant", 5, (1 + 2 + 4) / (3 * 5)),
+])
+def test_aggregations_with_nan_inf_padding_and_an_all_masked_row(aggregation, max_len, expected):
+    """Masked positions hold NaN and +-inf, and one row is masked entirely (a completion whose
+    every token was cut): value and gradient must come from the kept tokens alone."""
+    nan, inf = float("nan"), float("inf")
+    values = torch.tensor([[1.0, 2.0, nan], [4.0, inf, -inf], [nan, inf, nan]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    out = masked_aggregate(values, mask, aggregation, max_len)
+    assert out.item() == pytest.approx(expected, rel=1e-6)
+    out.backward()
+    w = {"sequence": [[1 / 6, 1 / 6, 0], [1 / 3, 0, 0], [0, 0, 0]],
+         "token": [[1 / 3, 1 / 3, 0], [1 / 3, 0, 0], [0, 0, 0]],
+         "constant": [[1 / (3 * (max_len or 3))] * 2 + [0], [1 / (3 * (max_len or 3)), 0, 0], [0, 0, 0]]}[aggregation]
+    assert torch.allclose(values.grad, torch.tensor(w), atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
+def test_an_all_masked_batch_gives_zero_loss_and_zero_stats(aggregation):
+    logp = torch.full((2, 3), float("nan"), requires_grad=True)
+    loss, stats = grpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -1.0]),
+                            torch.zeros(2, 3), aggregation=aggregation)
+    assert loss.item() == 0.0
+    assert {k: v.item() for k, v in stats.items()} == {"clip_low_frac": 0.0, "clip_high_frac": 0.0,
+                                                        "ratio_mean": 0.0, "kl_mean": 0.0}
+
+
 def test_unknown_aggregation_is_an_error():
     with pytest.raises(ValueError, match="aggregation"):
         masked_aggregate(VALUES, MASK, "mean")
@@ -143,8 +194,9 @@ def test_masked_positions_change_nothing(aggregation):
         return loss.item(), logp.grad[MASK.bool()].tolist(), {k: v.item() for k, v in stats.items()}
 
     base = loss_and_grad(-3.0)
-    assert loss_and_grad(-40.0) == base
-    assert loss_and_grad(0.0) == base
+    assert all(math.isfinite(x) for x in [base[0], *base[1], *base[2].values()])
+    for fill in (-40.0, 0.0, float("nan"), float("inf"), -float("inf")):
+        assert loss_and_grad(fill) == base, fill
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,16 +243,22 @@ def test_mu1_loss_is_the_plain_policy_gradient(aggregation):
 
 
 def test_clip_fractions_count_only_masked_tokens_where_the_bound_binds():
-    # ratios: row 0 (A>0): 1.5 binds high, 0.5 does not bind (wrong side), 1.5 masked out
-    #         row 1 (A<0): 0.5 binds low, 1.5 does not bind, 0.5 masked out
-    ratio = torch.tensor([[1.5, 0.5, 1.5], [0.5, 1.5, 0.5]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    # eps_low = 0.3, eps_high = 0.1: the bounds are 0.7 and 1.1.
+    #   row 0, A > 0: 1.5, 1.15, 1.2 bind high (3); 0.5 is on the wrong side, never clipped;
+    #                 the masked 1.5 does not count
+    #   row 1, A < 0: 0.5, 0.6 bind low (2); 0.8 is inside (it would bind at 1 - eps_high = 0.9);
+    #                 1.5 is on the wrong side; the masked 0.5 does not count
+    #   row 2, A = 0: nothing is clipped, whatever the ratio
+    # Each count differs from what a wrong sign, a wrong eps or a missing mask would give.
+    ratio = torch.tensor([[1.5, 1.15, 1.2, 0.5, 1.5], [0.5, 0.6, 0.8, 1.5, 0.5], [1.5, 0.5, 1.5, 0.5, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     logp = torch.log(ratio)
-    _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.tensor([1.0, -1.0]), mask, beta=0.0)
-    assert stats["clip_high_frac"].item() == pytest.approx(1 / 4)
-    assert stats["clip_low_frac"].item() == pytest.approx(1 / 4)
-    # A = 0 never counts as clipped, whatever the ratio
-    _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.zeros(2), mask, beta=0.0)
+    _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.tensor([1.0, -1.0, 0.0]), mask,
+                         eps_low=0.3, eps_high=0.1, beta=0.0)
+    assert stats["clip_high_frac"].item() == pytest.approx(3 / 13)
+    assert stats["clip_low_frac"].item() == pytest.approx(2 / 13)
+    assert stats["ratio_mean"].item() == pytest.approx((4.35 + 3.4 + 5.0) / 13)
+    _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.zeros(3), mask, beta=0.0)
     assert stats["clip_high_frac"].item() == stats["clip_low_frac"].item() == 0.0
 
 

@@ -137,8 +137,42 @@ def test_metrics_by_hand():
 def test_metrics_errors_and_prediction_parsing():
     with pytest.raises(ValueError):
         evaluation.classification_metrics(["awe"], ["awe", "fear"])
+    with pytest.raises(ValueError, match="1 formats for 2 labels"):
+        evaluation.classification_metrics(["awe", "awe"], ["awe", "fear"], formats=[1.0])
+    with pytest.raises(ValueError, match="3 answers for 2 labels"):
+        evaluation.classification_metrics(["awe", "awe"], ["awe", "fear"], answers=["a", "b", "c"])
     p = evaluation.prediction_of("<think>dark, blue</think><answer>Sad</answer>")
     assert p == {"answer": "Sad", "pred": "sadness", "format": 1.0}
+
+
+@pytest.mark.parametrize("completion, answer, pred, fmt", [
+    ("<think>dark</think><answer>not sadness</answer>", "not sadness", None, 1.0),   # an answer, not a label
+    ("<think>dark</think><answer>sadness?</answer>", "sadness?", None, 1.0),
+    ("<think>dark</think><answer>I feel sad</answer>", "I feel sad", None, 1.0),
+    ("<think>dark</think><answer>sad</answer> or fear", None, None, 0.0),            # no final answer block
+    ("<think>dark</think>sadness", None, None, 0.0),
+    ("<answer>sadness</answer>", "sadness", "sadness", 0.0),                        # the baseline's form
+    ("<think>\u200b</think><answer>Sadness.</answer>", "Sadness.", "sadness", 0.0),  # invisible reasoning
+])
+def test_prediction_of_uses_the_reward_parser(completion, answer, pred, fmt):
+    assert evaluation.prediction_of(completion) == {"answer": answer, "pred": pred, "format": fmt}
+
+
+def test_invalid_and_unparseable_rates_from_completions():
+    """Six completions for the label fear: one right, one wrong label, two with an answer block
+    that is not one label word, two with no final answer block at all."""
+    completions = ["<think>x</think><answer>fear</answer>", "<think>x</think><answer>awe</answer>",
+                   "<think>x</think><answer>maybe fear</answer>", "<think>x</think><answer>fear!!</answer>",
+                   "<think>x</think><answer>fear</answer> no, awe", "fear"]
+    ps = [evaluation.prediction_of(c) for c in completions]
+    m = evaluation.classification_metrics([p["pred"] for p in ps], ["fear"] * 6, [p["format"] for p in ps],
+                                          [p["answer"] for p in ps])
+    assert m["accuracy"] == pytest.approx(1 / 6)
+    assert m["invalid_rate"] == pytest.approx(4 / 6)
+    assert m["unparseable_rate"] == pytest.approx(2 / 6)
+    assert m["format_rate"] == pytest.approx(4 / 6)
+    assert m["confusion"][EMOTIONS.index("fear")] == [0, 1, 0, 0, 0, 0, 1, 0, 4]
+    assert evaluation.classification_metrics(["fear"], ["fear"])["unparseable_rate"] is None
 
 
 def test_confusion_png_has_one_cell_per_class_pair(tmp_path):
