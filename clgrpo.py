@@ -21,9 +21,12 @@ import contextlib
 import copy
 import json
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import eval as evaluation
@@ -191,7 +194,7 @@ DEFAULTS = dict(
     steps=200, batch_size=4, num_generations=8, mu=2, lr=1e-6, warmup=0, weight_decay=0.0, max_grad_norm=1.0,
     beta=0.04, eps_low=0.2, eps_high=0.2, aggregation="sequence", scale_rewards="group", temperature=1.0,
     top_p=1.0, max_new_tokens=96, micro_batch=None, logp_micro_batch=None, eval_every=50, eval_limit=100,
-    save_every=50, sample_every=25, seed=0,
+    save_every=50, sample_every=25, seed=0, dynamic_sampling=False, max_extra_rounds=3,
 )
 
 
@@ -213,6 +216,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise ValueError("every reward weight is 0: nothing to learn from")
     if config["num_generations"] < 2:
         raise ValueError("--num-generations must be >= 2: the group mean is the baseline")
+    if config["max_extra_rounds"] < 0:
+        raise ValueError(f"--max-extra-rounds must be >= 0, got {config['max_extra_rounds']}")
     return config
 
 
@@ -241,17 +246,96 @@ def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> 
     return (end - start) / mask.shape[0]
 
 
-def score(rollout, labels: list[str], config: dict) -> tuple[torch.Tensor, dict]:
-    """Rewards [N] of the completions (labels repeated per group) and each component's mean."""
+def score(rollout, labels: list[str], config: dict) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """Rewards [N] of the completions (labels repeated per group) and each component's values."""
     group_labels = [y for y in labels for _ in range(config["num_generations"])]
     totals, components = combined_reward(rollout.texts, group_labels, config["rewards"])
-    return torch.tensor(totals), {name: sum(v) / len(v) for name, v in components.items()}
+    return torch.tensor(totals), components
 
 
-def policy_update(model, optimizer, scheduler, rollout, advantages, old_logp, ref_logp, config, autocast,
+@dataclass
+class Round:
+    """One generation round: B prompts, G scored completions each (rows g*G .. g*G+G-1 = group g)."""
+    records: list[dict]
+    images: list
+    rollout: vlm.Rollout
+    rewards: torch.Tensor                  # [B*G]
+    components: dict[str, list[float]]     # reward component -> [B*G] values
+    zero_std: torch.Tensor                 # [B] bool: the group's G rewards are all equal
+
+
+def generate_round(model, processor, records, images, config, timer) -> Round:
+    """Sample G completions per prompt in ONE batched generate call (this is pi_old), then score them."""
+    with timer.phase("sample"):
+        rollout = vlm.sample_completions(model, processor, images, group_size=config["num_generations"],
+                                         max_new_tokens=config["max_new_tokens"], temperature=config["temperature"],
+                                         top_p=config["top_p"])
+    with timer.phase("score"):
+        rewards, components = score(rollout, [r["label"] for r in records], config)
+    _, zero_std = group_advantages(rewards, config["num_generations"], config["scale_rewards"])
+    return Round(records, images, rollout, rewards, components, zero_std)
+
+
+def collect_rounds(model, processor, records, images, config, timer, draw_prompts) -> list[Round]:
+    """The step's generation rounds: the given prompts, then, with dynamic sampling (DAPO), rounds of
+    fresh prompts from `draw_prompts()` until B groups have signal or `max_extra_rounds` extra
+    rounds have run, whichever comes first."""
+    rounds = [generate_round(model, processor, records, images, config, timer)]
+    if config["dynamic_sampling"]:
+        if draw_prompts is None:
+            raise ValueError("dynamic sampling needs draw_prompts, a function that returns (records, images) of new prompts")
+        while (sum(int((~r.zero_std).sum()) for r in rounds) < len(records)
+               and len(rounds) <= config["max_extra_rounds"]):
+            rounds.append(generate_round(model, processor, *draw_prompts(), config, timer))
+    return rounds
+
+
+def pick_groups(zero_std_per_round: list[torch.Tensor], batch_size: int) -> list[tuple[int, int]]:
+    """(round, group) pairs that make up the training batch: every group with signal, in order, up
+    to `batch_size`; if there are too few, the batch is topped up with zero-std groups (in order).
+
+    Topping up keeps the batch at B groups, so a step that ran out of rounds is exactly the plain
+    GRPO step (the same batch size, memory, loss scale and KL term) rather than a smaller batch in
+    which a single group weighs B times more."""
+    signal = [(k, j) for k, z in enumerate(zero_std_per_round) for j, flat in enumerate(z.tolist()) if not flat]
+    flat = [(k, j) for k, z in enumerate(zero_std_per_round) for j, is_flat in enumerate(z.tolist()) if is_flat]
+    return sorted((signal + flat)[:batch_size])   # generation order: one full round is the round as is
+
+
+def batch_of_groups(processor, rounds: list[Round], picks: list[tuple[int, int]], group_size: int,
+                    device) -> tuple[vlm.Rollout, torch.Tensor, list[dict]]:
+    """The picked groups as one batch: (rollout, rewards [B*G], records [B]).
+
+    Without dynamic sampling the batch is the first round, unchanged. Otherwise the prompts of the
+    kept groups are re-encoded in one processor call (one consistent left padding), rather than
+    spliced from the rounds' tensors: rounds can differ in prompt length and padding, and each model
+    family encodes its prompts in its own way. Completions are right-padded to the longest round
+    with pad tokens under a 0 mask, exactly as generate() pads a finished completion."""
+    if picks == [(0, j) for j in range(len(rounds[0].records))]:
+        return rounds[0].rollout, rounds[0].rewards, rounds[0].records
+    g = group_size
+    rows = [(rounds[k], slice(j * g, (j + 1) * g)) for k, j in picks]
+    images = [rounds[k].images[j] for k, j in picks]
+    prompts = vlm.encode_prompts(processor, images, device=device)
+    width = max(r.rollout.completion_ids.shape[1] for r, _ in rows)
+
+    def stack(name: str, fill: int) -> torch.Tensor:
+        parts = [getattr(r.rollout, name)[sl] for r, sl in rows]
+        return torch.cat([F.pad(x, (0, width - x.shape[1]), value=fill) for x in parts])
+
+    rollout = vlm.Rollout(prompts=prompts, group_size=g, completion_ids=stack("completion_ids", processor.tokenizer.pad_token_id),
+                          completion_mask=stack("completion_mask", 0),
+                          truncated=torch.cat([r.rollout.truncated[sl] for r, sl in rows]),
+                          texts=[t for r, sl in rows for t in r.rollout.texts[sl]])
+    rewards = torch.cat([r.rewards[sl] for r, sl in rows])
+    return rollout, rewards, [rounds[k].records[j] for k, j in picks]
+
+
+def policy_update(model, optimizer, rollout, advantages, old_logp, ref_logp, config, autocast,
                   want_entropy: bool) -> dict:
     """One optimizer step on the GRPO loss, micro-batched over completions with gradient
-    accumulation. Returns detached stats (weighted like the loss) and the grad norm."""
+    accumulation. Returns detached stats (weighted like the loss) and the grad norm.
+    The LR scheduler is stepped by the caller, once per GRPO step."""
     n = rollout.completion_ids.shape[0]
     step = config["micro_batch"] or n
     mask = rollout.completion_mask
@@ -283,49 +367,62 @@ def policy_update(model, optimizer, scheduler, rollout, advantages, old_logp, re
     if not torch.isfinite(totals["grad_norm"]) or not torch.isfinite(totals["loss"]):
         raise FloatingPointError(f"non-finite loss {totals['loss'].item()} or grad norm {totals['grad_norm'].item()}")
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
 
 
-def grpo_step(model, ref_model, processor, optimizer, scheduler, records, images, config, autocast) -> tuple[dict, list]:
+def grpo_step(model, ref_model, processor, optimizer, scheduler, records, images, config, autocast,
+              draw_prompts=None) -> tuple[dict, list]:
     """One GRPO step: sample G completions per prompt, score, advantages, then mu updates.
+
+    With config["dynamic_sampling"], `draw_prompts()` supplies (records, images) of further prompts
+    (see `collect_rounds`). The update runs unless it is provably a no-op: beta == 0 and every
+    group in the batch has zero std. With beta > 0 a batch without reward signal still updates:
+    its gradient is the KL term's pull towards the reference, part of the objective. The LR
+    scheduler steps once per GRPO step either way, so step s has the same LR in every run.
 
     Returns (metrics for the log, per-update stats)."""
     device = next(model.parameters()).device
     timer = Timer(device)
     g = config["num_generations"]
-    # 1. Sample the group: G completions per prompt in ONE batched generate call (pi_old).
+    # 1-2. Sample the groups (pi_old) and score them: one round, or several with dynamic sampling.
+    rounds = collect_rounds(model, processor, records, images, config, timer, draw_prompts)
     with timer.phase("sample"):
-        rollout = vlm.sample_completions(model, processor, images, group_size=g, max_new_tokens=config["max_new_tokens"],
-                                         temperature=config["temperature"], top_p=config["top_p"])
-    # 2. Score each completion with the stage's reward components.
-    with timer.phase("score"):
-        rewards, reward_means = score(rollout, [r["label"] for r in records], config)
+        picks = pick_groups([r.zero_std for r in rounds], len(records))
+        rollout, rewards, records = batch_of_groups(processor, rounds, picks, g, device)
     # 3. Group-relative advantages (zero-std groups get A = 0 and carry no policy gradient).
     advantages, zero_std = group_advantages(rewards, g, config["scale_rewards"])
     advantages = advantages.to(device)
+    # With beta == 0 and no signal, every one of the mu updates has a gradient of exactly 0, and
+    # stepping AdamW on it would still move the weights (momentum, weight decay): skip them all.
+    run_update = config["beta"] != 0 or not bool(zero_std.all())
     # 4. Reference (frozen stage start) and, for mu > 1, old-policy log-probs: no gradient.
+    ref_logp = old_logp = None
     with timer.phase("logprobs"), torch.no_grad(), autocast:
         lp = dict(group_size=g, temperature=config["temperature"], micro_batch=config["logp_micro_batch"])
         args = (rollout.prompts, rollout.completion_ids, rollout.completion_mask)
-        ref_logp = vlm.completion_logprobs(ref_model, *args, **lp) if ref_model is not None else None
-        old_logp = vlm.completion_logprobs(model, *args, **lp) if config["mu"] > 1 else None
-    # 5. mu optimizer updates on this batch. If every group has zero std, there is no signal.
+        if run_update and ref_model is not None:
+            ref_logp = vlm.completion_logprobs(ref_model, *args, **lp)
+        if run_update and config["mu"] > 1:
+            old_logp = vlm.completion_logprobs(model, *args, **lp)
+    # 5. mu optimizer updates on this batch, all at this step's learning rate.
+    lr = scheduler.get_last_lr()[0]
     updates = []
     with timer.phase("update"):
-        if not bool(zero_std.all()):
+        if run_update:
             for k in range(config["mu"]):
-                updates.append(policy_update(model, optimizer, scheduler, rollout, advantages, old_logp, ref_logp,
+                updates.append(policy_update(model, optimizer, rollout, advantages, old_logp, ref_logp,
                                              config, autocast, want_entropy=(k == 0)))
-    lengths = rollout.completion_mask.sum(1).float()
-    metrics = {f"reward_{k}": v for k, v in reward_means.items()}
+    with warnings.catch_warnings():  # a skipped first step is meant: torch warns when no optimizer step came before
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        scheduler.step()
+    metrics = round_metrics(rounds, g)
+    useful = int((~zero_std).sum())
+    generations = metrics["generations"]
     metrics.update(
-        reward_mean=rewards.mean().item(), reward_std=rewards.view(-1, g).std(dim=1).mean().item(),
-        frac_zero_std=zero_std.float().mean().item(), skipped_update=int(not updates),
-        completion_len_mean=lengths.mean().item(), completion_len_max=lengths.max().item(),
-        frac_truncated=rollout.truncated.float().mean().item(), lr=scheduler.get_last_lr()[0],
-        tokens_per_s=lengths.sum().item() / max(1e-9, timer.seconds["sample"]),
+        skipped_update=int(not updates), lr=lr, batch_zero_std_groups=int(zero_std.sum()), useful_groups=useful,
+        generations_per_useful_group=generations / useful if useful else None,
+        tokens_per_s=metrics.pop("sampled_tokens") / max(1e-9, timer.seconds["sample"]),
         **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
     if updates:
         # One host sync for all stats, averaged over the mu updates (entropy: first update only).
@@ -336,6 +433,22 @@ def grpo_step(model, ref_model, processor, optimizer, scheduler, records, images
     metrics["samples"] = [{"label": records[i // g]["label"], "completion": rollout.texts[i], "reward": rewards[i].item()}
                           for i in range(0, len(rollout.texts), g)][:3]
     return metrics, updates
+
+
+def round_metrics(rounds: list[Round], group_size: int) -> dict:
+    """What the policy's samples look like, over every completion generated this step (all rounds,
+    so the numbers mean the same with and without dynamic sampling), and what generation cost."""
+    rewards = torch.cat([r.rewards for r in rounds])
+    lengths = torch.cat([r.rollout.completion_mask.sum(1) for r in rounds]).float()
+    metrics = {f"reward_{name}": sum(sum(r.components[name]) for r in rounds) / len(rewards)
+               for name in rounds[0].components}
+    metrics.update(
+        reward_mean=rewards.mean().item(), reward_std=rewards.view(-1, group_size).std(dim=1).mean().item(),
+        frac_zero_std=torch.cat([r.zero_std for r in rounds]).float().mean().item(),
+        completion_len_mean=lengths.mean().item(), completion_len_max=lengths.max().item(),
+        frac_truncated=torch.cat([r.rollout.truncated for r in rounds]).float().mean().item(),
+        gen_rounds=len(rounds), generations=len(rewards), sampled_tokens=lengths.sum().item())
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +484,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     f("--save-every", int_at_least(1), "checkpoint every N steps (and at the end)")
     f("--sample-every", int_at_least(0), "write sample completions every N steps (0: never)")
     f("--seed", int, "random seed (sampling and data order)")
+    p.add_argument("--dynamic-sampling", action="store_true", default=None,
+                   help="DAPO dynamic sampling: drop groups whose rewards are all equal and generate for fresh "
+                        "prompts until B groups have signal (default: off; see README, zero-std groups)")
+    f("--max-extra-rounds", int_at_least(0), "dynamic sampling: at most N extra generation rounds of B prompts per step; "
+                                             "if still short, the batch is topped up with zero-std groups")
     p.add_argument("--stop-after", type=int_at_least(1), help="save and stop after N steps of this invocation (--resume continues)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, RNG, data order)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -408,7 +526,7 @@ def main(argv=None) -> dict:
 
     train, report = read_emoset_split(args.data, "train", skip_missing=True)
     val = read_val_for_training(args.data, config["eval_every"], config["eval_limit"])
-    unreadable, empty_draws = {}, 0   # id -> reason of images skipped (one warning each)
+    unreadable = {}   # id -> reason of images skipped (one warning each)
     if report["skipped_missing"]:
         print(f"skipped {report['skipped_missing']} train entries with missing images")
     params = [prm for prm in model.parameters() if prm.requires_grad]
@@ -435,15 +553,21 @@ def main(argv=None) -> dict:
     model.train()
     last = min(config["steps"], step + args.stop_after) if args.stop_after else config["steps"]
     bar = tqdm(total=config["steps"], initial=step, desc=f"stage{args.stage}")
+
+    def draw_prompts():
+        """The next B training prompts with readable images; dynamic sampling draws more from the same
+        sampler. A draw whose images are all unreadable is passed over (the same way when resumed)."""
+        for _ in range(len(train) // config["batch_size"] + 1):
+            batch = [train[i] for i in sampler.next_batch(config["batch_size"])]
+            records, images = load_images(args.data, batch, unreadable)
+            if records:
+                return records, images
+        raise SystemExit(f"a whole epoch of the {len(train)} training images was unreadable (see the warnings above)")
+
     while step < last:
-        records, images = load_images(args.data, [train[i] for i in sampler.next_batch(config["batch_size"])], unreadable)
-        empty_draws = 0 if records else empty_draws + 1
-        if empty_draws * config["batch_size"] > len(train):
-            raise SystemExit(f"a whole epoch of the {len(train)} training images was unreadable (see the warnings above)")
-        if not records:   # a batch of unreadable images only: draw the next one (same in a resumed run)
-            continue
         try:
-            metrics, _ = grpo_step(model, ref_model, processor, optimizer, scheduler, records, images, config, autocast)
+            metrics, _ = grpo_step(model, ref_model, processor, optimizer, scheduler, *draw_prompts(), config, autocast,
+                                   draw_prompts=draw_prompts)
             vlm.require_finite_weights(model)   # the loss and gradient guards cannot see an update that overflows
         except FloatingPointError as e:
             raise SystemExit(f"stopped at step {step + 1}: {e}. The last good checkpoint is {ckpt}") from e

@@ -1,5 +1,6 @@
 """The stage 2-4 training loop on the tiny model: one step, reference handling, presets, mu > 1,
-resume, the guards, and a short stage-2 run that really raises the format reward."""
+steps without reward signal, dynamic sampling, resume, the guards, and a short stage-2 run that
+really raises the format reward."""
 
 import json
 import math
@@ -28,7 +29,8 @@ def params_of(path):
 
 LOGGED = ["reward_format", "reward_accuracy", "reward_mean", "reward_std", "frac_zero_std", "kl_mean", "clip_low_frac",
           "clip_high_frac", "ratio_mean", "completion_len_mean", "completion_len_max", "frac_truncated", "entropy",
-          "grad_norm", "lr", "time_sample", "time_score", "time_logprobs", "time_update", "tokens_per_s", "loss"]
+          "grad_norm", "lr", "time_sample", "time_score", "time_logprobs", "time_update", "tokens_per_s", "loss",
+          "gen_rounds", "generations", "useful_groups", "batch_zero_std_groups", "generations_per_useful_group"]
 
 
 def test_one_step_changes_parameters_and_logs_every_metric(tmp_path, half_format_model, toy_data):
@@ -104,12 +106,173 @@ def test_mu2_second_update_sees_moved_ratios(half_format_model, toy_data):
     assert updates[0]["clip_low_frac"].item() == updates[0]["clip_high_frac"].item() == 0
 
 
-def test_all_zero_std_batch_skips_the_update(tmp_path, tiny_model_dir, toy_data):
+def test_beta0_all_zero_std_run_skips_updates_but_the_schedule_advances(tmp_path, tiny_model_dir, toy_data):
     # The random model never produces the format nor a label: every group's rewards are equal.
-    out, (m,) = run(tmp_path, tiny_model_dir, toy_data, "--steps", "1", "--lr", "1e-2")
-    assert m["skipped_update"] == 1 and m["frac_zero_std"] == 1.0 and m["skipped_updates_total"] == 1
+    out, metrics = run(tmp_path, tiny_model_dir, toy_data, "--steps", "2", "--lr", "1e-2", "--beta", "0", "--warmup", "4")
+    assert [m["skipped_update"] for m in metrics] == [1, 1] and metrics[-1]["skipped_updates_total"] == 2
+    assert all(m["frac_zero_std"] == 1.0 and m["useful_groups"] == 0 for m in metrics)
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-2 / 4, 2e-2 / 4])  # warm-up counts skipped steps too
     before, after = params_of(tiny_model_dir), params_of(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def constant_rewards(monkeypatch):
+    """Every completion gets reward 0: every group has zero std, whatever the model writes."""
+    monkeypatch.setattr(clgrpo, "combined_reward", lambda texts, labels, weights: (
+        [0.0] * len(texts), {name: [0.0] * len(texts) for name in weights}))
+
+
+def step_setup(model, toy_data, lr, warmup=1, **overrides):
+    records, _ = read_emoset_split(toy_data, "train", limit=overrides.get("batch_size", 4))
+    config = {**clgrpo.DEFAULTS, **clgrpo.STAGE_PRESETS[3], "lr": lr, "num_generations": 4, "max_new_tokens": 24,
+              **overrides}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    return records, [load_image(toy_data, r) for r in records], config, optimizer, scheduler
+
+
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
+
+def test_beta_positive_update_without_reward_signal_pulls_policy_towards_reference(half_format_model, tiny_model_dir,
+                                                                                   toy_data, monkeypatch):
+    """All advantages are 0, so the gradient is -beta * grad KL alone: the step must run, and move
+    the policy's log-probs towards the reference's (here a random model, far from the SFT'd one)."""
+    constant_rewards(monkeypatch)
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(half_format_model)
+    ref, _ = vlm.load_model(tiny_model_dir)
+    ref.eval().requires_grad_(False)
+    records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, beta=0.04)
+    probe = vlm.sample_completions(model, processor, images, group_size=4, max_new_tokens=24)
+
+    def kl_on_probe():
+        with torch.no_grad():
+            args = (probe.prompts, probe.completion_ids, probe.completion_mask, probe.group_size)
+            kl = clgrpo.kl_k3(vlm.completion_logprobs(model, *args), vlm.completion_logprobs(ref, *args))
+            return clgrpo.masked_aggregate(kl, probe.completion_mask, "token").item()
+
+    before = kl_on_probe()
+    metrics, updates = clgrpo.grpo_step(model, ref, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST)
+    assert metrics["frac_zero_std"] == 1.0 and metrics["skipped_update"] == 0 and len(updates) == config["mu"]
+    assert metrics["grad_norm"] > 0 and metrics["kl_mean"] > 0
+    assert kl_on_probe() < 0.9 * before
+    assert scheduler.last_epoch == 1
+
+
+def test_beta0_update_without_reward_signal_is_skipped_and_leaves_adam_alone(half_format_model, toy_data, monkeypatch):
+    """beta = 0, all advantages 0: the gradient is exactly 0. An AdamW step on it would still move the
+    weights (momentum from earlier steps, weight decay), so no optimizer step may run; the LR
+    schedule still advances one step."""
+    constant_rewards(monkeypatch)
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(half_format_model)
+    records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-2, warmup=4, beta=0.0)
+    for prm in model.parameters():       # earlier steps left momentum in AdamW
+        prm.grad = torch.randn_like(prm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics, updates = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST)
+    assert metrics["skipped_update"] == 1 and updates == [] and metrics["frac_zero_std"] == 1.0
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert metrics["lr"] == pytest.approx(1e-2 / 4) and scheduler.get_last_lr()[0] == pytest.approx(2e-2 / 4)
+
+
+def scripted_rewards(monkeypatch, group_size, signal_groups_per_round):
+    """combined_reward replacement: in generation round k, the groups in signal_groups_per_round[k]
+    get rewards 0, 1, 0, 1, ... (signal); every other group all 0 (zero std)."""
+    rounds = iter(signal_groups_per_round)
+
+    def fake(texts, labels, weights):
+        signal = next(rounds)
+        values = [float(i % 2) if i // group_size in signal else 0.0 for i in range(len(texts))]
+        return values, {name: values for name in weights}
+
+    monkeypatch.setattr(clgrpo, "combined_reward", fake)
+
+
+def prompt_drawer(toy_data, batch_size):
+    """draw_prompts for grpo_step: consecutive train records; counts the calls."""
+    records, _ = read_emoset_split(toy_data, "train")
+    calls = []
+
+    def draw():
+        start = batch_size * (len(calls) + 1)
+        calls.append(start)
+        batch = records[start:start + batch_size]
+        return batch, [load_image(toy_data, r) for r in batch]
+
+    return draw, calls
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(half_format_model, toy_data, monkeypatch):
+    g, b = 4, 4
+    # Signal: round 0 group 1; round 1 groups 0 and 2; round 2 none; round 3 groups 0 and 3 (one too many).
+    scripted_rewards(monkeypatch, g, [{1}, {0, 2}, set(), {0, 3}, {0, 1, 2, 3}])
+    sampled, trained = [], []
+    real_sample, real_update = vlm.sample_completions, clgrpo.policy_update
+    monkeypatch.setattr(vlm, "sample_completions", lambda *a, **k: sampled.append(real_sample(*a, **k)) or sampled[-1])
+    monkeypatch.setattr(clgrpo, "policy_update", lambda model, opt, rollout, adv, *a, **k: trained.append(
+        (rollout, adv.clone())) or real_update(model, opt, rollout, adv, *a, **k))
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(half_format_model)
+    records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-4, beta=0.0, mu=1,
+                                                               dynamic_sampling=True, max_extra_rounds=5)
+    draw, calls = prompt_drawer(toy_data, b)
+    metrics, _ = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST,
+                                  draw_prompts=draw)
+    # It stops as soon as B groups have signal: 3 extra rounds, not the 5 allowed.
+    assert len(calls) == 3 and metrics["gen_rounds"] == 4 and metrics["generations"] == 4 * b * g
+    assert metrics["useful_groups"] == b and metrics["batch_zero_std_groups"] == 0
+    assert metrics["generations_per_useful_group"] == 4 * b * g / b
+    assert metrics["frac_zero_std"] == pytest.approx(1 - 5 / 16)    # over every generated group
+    ((rollout, advantages),) = trained
+    assert (advantages.view(b, g) != 0).any(dim=1).all()             # no zero-std group in the batch
+    kept = [(0, 1), (1, 0), (1, 2), (3, 0)]                          # the first B groups with signal, in order
+    assert rollout.texts == [t for k, j in kept for t in sampled[k].texts[j * g:(j + 1) * g]]
+    # Re-encoded prompts + right-padded completions score every row exactly as its own round does.
+    with torch.no_grad():
+        merged = vlm.completion_logprobs(model, rollout.prompts, rollout.completion_ids, rollout.completion_mask, g)
+        for row, (k, j) in enumerate(kept):
+            own = vlm.completion_logprobs(model, sampled[k].prompts, sampled[k].completion_ids,
+                                          sampled[k].completion_mask, g)[j * g:(j + 1) * g]
+            width = own.shape[1]
+            mask = sampled[k].completion_mask[j * g:(j + 1) * g].bool()
+            assert torch.equal(rollout.completion_mask[row * g:(row + 1) * g, width:].sum(), torch.tensor(0))
+            assert torch.allclose(merged[row * g:(row + 1) * g, :width][mask], own[mask], atol=1e-5)
+
+
+def test_dynamic_sampling_respects_the_cap_and_tops_up_with_zero_std_groups(tiny_model_dir, toy_data, monkeypatch):
+    g, b = 2, 2
+    model, processor = vlm.load_model(tiny_model_dir)
+    # Only one group with signal in three rounds: the cap (2 extra rounds) stops the search, and
+    # the batch is that group plus the first zero-std group.
+    scripted_rewards(monkeypatch, g, [set(), {1}, set(), {0, 1}])
+    records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, beta=0.0, batch_size=b,
+                                                               num_generations=g, max_new_tokens=8,
+                                                               dynamic_sampling=True, max_extra_rounds=2)
+    draw, calls = prompt_drawer(toy_data, b)
+    metrics, updates = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config,
+                                        NO_AUTOCAST, draw_prompts=draw)
+    assert len(calls) == 2 and metrics["gen_rounds"] == 3 and metrics["generations"] == 3 * b * g
+    assert metrics["useful_groups"] == 1 and metrics["batch_zero_std_groups"] == 1 and metrics["skipped_update"] == 0
+    assert [s["label"] for s in metrics["samples"]] == [records[0]["label"], read_emoset_split(toy_data, "train")[0][3]["label"]]
+    # No signal anywhere, beta = 0: after the cap the batch is all zero-std groups and the update is skipped.
+    scripted_rewards(monkeypatch, g, [set(), set()])
+    metrics, updates = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images,
+                                        {**config, "max_extra_rounds": 1}, NO_AUTOCAST, draw_prompts=draw)
+    assert len(calls) == 3 and metrics["gen_rounds"] == 2 and metrics["skipped_update"] == 1 and updates == []
+    assert metrics["useful_groups"] == 0 and metrics["generations_per_useful_group"] is None
+
+
+def test_dynamic_sampling_off_is_one_round(half_format_model, toy_data, monkeypatch):
+    scripted_rewards(monkeypatch, 4, [set()])
+    model, processor = vlm.load_model(half_format_model)
+    records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, beta=0.0)
+    metrics, _ = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST,
+                                  draw_prompts=lambda: pytest.fail("dynamic sampling is off by default"))
+    assert metrics["gen_rounds"] == 1 and metrics["generations"] == 16 and metrics["skipped_update"] == 1
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, half_format_model, toy_data, monkeypatch):
@@ -135,6 +298,22 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, half_format_model, toy_da
     split, split_metrics = run(tmp_path, half_format_model, toy_data, *common, "--resume", name="split")
     assert [m["step"] for m in split_metrics] == [1, 2, 3, 4]
     assert [m["reward_mean"] for m in split_metrics] == [m["reward_mean"] for m in full_metrics]
+    a, b = params_of(full), params_of(split)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_resume_with_dynamic_sampling_matches_an_uninterrupted_run(tmp_path, half_format_model, toy_data):
+    """Extra generation rounds draw prompts from the same sampler, whose state the checkpoint keeps."""
+    torch.set_num_threads(1)
+    common = ["--steps", "4", "--lr", "1e-3", "--mu", "1", "--batch-size", "2", "--num-generations", "4",
+              "--max-new-tokens", "24", "--dynamic-sampling", "--max-extra-rounds", "2"]
+    full, full_metrics = run(tmp_path, half_format_model, toy_data, *common, name="full")
+    run(tmp_path, half_format_model, toy_data, *common, "--stop-after", "2", name="split")
+    split, split_metrics = run(tmp_path, half_format_model, toy_data, *common, "--resume", name="split")
+    assert any(m["gen_rounds"] > 1 for m in full_metrics[:2]), "no extra round before the split: the test proves nothing"
+    keys = ["gen_rounds", "reward_mean", "useful_groups"]
+    assert [[m[k] for k in keys] for m in split_metrics] == [[m[k] for k in keys] for m in full_metrics]
     a, b = params_of(full), params_of(split)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
