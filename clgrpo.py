@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import dataclasses
 import json
 import time
 import warnings
@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 import eval as evaluation
 import vlm
-from data import (EpochSampler, append_jsonl, atomic_write_json, float_in, int_at_least, load_images, output_path_problem,
-                  read_emoset_split, read_val_for_training, truncate_jsonl_after_step)
+from data import (EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args, float_in,
+                  int_at_least, load_images, output_path_problem, read_emoset_split, read_val_for_training,
+                  truncate_jsonl_after_step)
 from rewards import combined_reward
 
 # =============================================================================================
@@ -142,8 +143,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     `ref_logp` may be None only when beta == 0.
 
     Returns (loss, stats). stats hold detached scalars, never synced to the CPU here:
-      clip_low_frac  fraction of completion tokens with A < 0 and rho < 1 - eps_low
-      clip_high_frac fraction of completion tokens with A > 0 and rho > 1 + eps_high
+      frac_clipped_lower  fraction of completion tokens clipped at the lower bound: A < 0 and
+                          rho < 1 - eps_low (eps_low only ever binds there)
+      frac_clipped_upper  fraction of completion tokens clipped at the upper bound: A > 0 and
+                          rho > 1 + eps_high (the bound stage 4's clip-low narrows)
       ratio_mean     mean rho over completion tokens
       kl_mean        mean k3 over completion tokens (0 when no reference is given)
     """
@@ -163,62 +166,137 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         low = (ratio < 1.0 - eps_low) & (a < 0) & m
         high = (ratio > 1.0 + eps_high) & (a > 0) & m
         stats = {
-            "clip_low_frac": low.sum() / n_tokens,
-            "clip_high_frac": high.sum() / n_tokens,
+            "frac_clipped_lower": low.sum() / n_tokens,
+            "frac_clipped_upper": high.sum() / n_tokens,
             "ratio_mean": torch.where(m, ratio, 0.0).sum() / n_tokens,
             "kl_mean": torch.where(m, kl, 0.0).sum() / n_tokens if kl is not None else torch.zeros((), device=logp.device),
         }
     return loss, stats
 
 
-# Stage presets (DESIGN section 6). Each stage starts from the previous stage's checkpoint,
-# which is also its frozen reference. Stage 4 (CLGRPO) is stage 3 with the clip range narrowed
-# on the upper side: eps_high 0.2 -> 0.1, so a positive-advantage token's probability can rise
-# by at most 10% per update and the small policy moves through a smaller space, more carefully.
-# Stage 2 is a short format-alignment run; step counts are toy-scale defaults, override them.
+# Stage presets: each stage is the base config (GRPOConfig's defaults, which are stage 3) with
+# these fields replaced. Each stage starts from the previous stage's checkpoint, which is also
+# its frozen reference. Stage 2 is a short format-alignment run (step counts are toy-scale
+# defaults: override them). Stage 4 (CLGRPO) is stage 3 with the clip range narrowed on the upper
+# side, eps_high 0.2 -> 0.1: a positive-advantage token's probability can rise by at most 10% per
+# update, so the small policy moves through a smaller space, more carefully.
 STAGE_PRESETS = {
-    2: dict(rewards={"format": 1.0}, eps_low=0.2, eps_high=0.2, steps=40),
-    3: dict(rewards={"format": 1.0, "accuracy": 1.0}, eps_low=0.2, eps_high=0.2, steps=200),
-    4: dict(rewards={"format": 1.0, "accuracy": 1.0}, eps_low=0.2, eps_high=0.1, steps=200),
+    2: dict(accuracy_weight=0.0, steps=40),
+    3: dict(),
+    4: dict(eps_high=0.1),
 }
 
 
 # =============================================================================================
 # Part 2: the training loop (stages 2-4)
 # =============================================================================================
-# Defaults shared by every stage; a stage preset overrides some, a command-line flag beats both.
-# The learning rate suits a 1-2B model; the tiny toy model wants ~5e-5 (demo.sh passes it).
-# mu = 2, not 1: with a single update per generation batch the ratio is exactly 1 when the loss
-# is computed, so no clip bound can bind, and stage 4's clip-low would change nothing at all.
-DEFAULTS = dict(
-    steps=200, batch_size=4, num_generations=8, mu=2, lr=1e-6, warmup=0, weight_decay=0.0, max_grad_norm=1.0,
-    beta=0.04, eps_low=0.2, eps_high=0.2, aggregation="sequence", scale_rewards="group", temperature=1.0,
-    top_p=1.0, max_new_tokens=96, micro_batch=None, logp_micro_batch=None, eval_every=50, eval_limit=100,
-    save_every=50, sample_every=25, seed=0, dynamic_sampling=False, max_extra_rounds=3,
-)
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Every setting of a stage 2-4 run: these defaults, then the stage preset, then the flags."""
+    stage: int = arg(help="2: format reward; 3: + accuracy; 4: + clip-low", choices=[2, 3, 4])
+    model: str = arg(help="start checkpoint = frozen reference (previous stage's run folder)")
+    data: str = arg(help="EmoSet-layout data root (train split for prompts, val for eval)")
+    out: str = arg(help="run folder: checkpoint/, metrics.jsonl, samples.jsonl, run_config.json")
+    # the objective
+    format_weight: float = arg(1.0, "weight of the format reward", type=float_in(0))
+    accuracy_weight: float = arg(1.0, "weight of the accuracy reward", type=float_in(0))
+    num_generations: int = arg(8, "completions per prompt (G)", type=int_at_least(2))
+    scale_rewards: str = arg("group", "advantage scaling: group std, or none (Dr. GRPO)", choices=["group", "none"])
+    beta: float = arg(0.04, "KL weight; 0 skips the reference model", type=float_in(0))
+    eps_low: float = arg(0.2, "lower clip: rho >= 1 - eps_low binds for A < 0", type=float_in(0, 1, hi_open=True))
+    eps_high: float = arg(0.2, "upper clip: rho <= 1 + eps_high binds for A > 0", type=float_in(0))
+    aggregation: str = arg("sequence", "loss aggregation", choices=["sequence", "token", "constant"])
+    # sampling
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same)", type=float_in(0, lo_open=True))
+    top_p: float = arg(1.0, "nucleus sampling (1.0 keeps log-probs exact)", type=float_in(0, 1, lo_open=True))
+    max_new_tokens: int = arg(96, "completion length limit", type=int_at_least(1))
+    dynamic_sampling: bool = arg(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and generate "
+                                        "for fresh prompts until B groups have signal (README: zero-std groups)")
+    max_extra_rounds: int = arg(3, "dynamic sampling: at most N extra generation rounds of B prompts per step; "
+                                   "if still short, the batch is topped up with zero-std groups", type=int_at_least(0))
+    # optimisation. mu = 2, not 1: with one update per generation batch the ratio is exactly 1
+    # when the loss is computed, so no clip bound could bind and stage 4 would change nothing.
+    steps: int = arg(200, "GRPO steps (one generation batch each)", type=int_at_least(1))
+    batch_size: int = arg(4, "prompts per step (B)", type=int_at_least(1))
+    mu: int = arg(2, "optimizer updates per generation batch", type=int_at_least(1))
+    lr: float = arg(1e-6, "learning rate (AdamW); 1e-6 suits 1-2B models, the toy wants ~1e-4", type=float_in(0))
+    warmup: int = arg(0, "linear LR warm-up, in GRPO steps", type=int_at_least(0))
+    weight_decay: float = arg(0.0, "AdamW weight decay", type=float_in(0))
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", type=float_in(0, lo_open=True))
+    micro_batch: int | None = arg(None, "completions per forward/backward in the update (default: all)",
+                                  type=int_at_least(1))
+    logp_micro_batch: int | None = arg(None, "completions per no-grad forward (reference / old policy)",
+                                       type=int_at_least(1))
+    seed: int = arg(0, "random seed (sampling and data order)")
+    # logging, checkpoints, resuming
+    eval_every: int = arg(50, "validation accuracy every N steps (0: never)", type=int_at_least(0))
+    eval_limit: int = arg(100, "validation records per evaluation", type=int_at_least(1))
+    save_every: int = arg(50, "checkpoint every N steps (and at the end)", type=int_at_least(1))
+    sample_every: int = arg(25, "write sample completions every N steps (0: never)", type=int_at_least(0))
+    stop_after: int | None = arg(None, "save and stop after N steps of this invocation (--resume continues)",
+                                 type=int_at_least(1))
+    resume: bool = arg(False, "continue from OUT/checkpoint (step, optimizer, RNG, data order)")
+    # hardware
+    device: str = arg("auto", "auto, cpu or cuda")
+    dtype: str = arg("float32", "weights dtype", choices=list(vlm.DTYPES))
+    ref_dtype: str | None = arg(None, "reference model dtype (default: --dtype); bfloat16 halves its memory",
+                                choices=list(vlm.DTYPES))
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (GPU)")
+    gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
+    freeze_vision: bool = arg(False, "do not train the vision tower")
+    max_image_tokens: int | None = arg(None, "bound one image's tokens through the family's own knob (Qwen "
+                                             "max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids)",
+                                       type=int_at_least(1))
+
+    def __post_init__(self):
+        if not self.rewards:
+            raise ValueError("every reward weight is 0: nothing to learn from")
+
+    @property
+    def rewards(self) -> dict[str, float]:
+        """The reward components that count, with their weights."""
+        weights = {"format": self.format_weight, "accuracy": self.accuracy_weight}
+        return {name: w for name, w in weights.items() if w != 0}
 
 
-def resolve_config(args: argparse.Namespace) -> dict:
-    """DEFAULTS, then the stage preset, then every flag the user actually gave."""
-    config = {**DEFAULTS, **copy.deepcopy(STAGE_PRESETS[args.stage])}
-    weights = dict(config["rewards"])
-    for name in ("format", "accuracy"):
-        value = getattr(args, f"{name}_weight")
-        if value is not None:
-            weights[name] = value
-    config["rewards"] = {k: v for k, v in weights.items() if v != 0}
-    for key in DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            config[key] = value
-    config.update(stage=args.stage, model=args.model, data=args.data, out=args.out)
-    if not config["rewards"]:
-        raise ValueError("every reward weight is 0: nothing to learn from")
-    if config["num_generations"] < 2:
-        raise ValueError("--num-generations must be >= 2: the group mean is the baseline")
-    if config["max_extra_rounds"] < 0:
-        raise ValueError(f"--max-extra-rounds must be >= 0, got {config['max_extra_rounds']}")
-    return config
+def stage_config(stage: int, **overrides) -> GRPOConfig:
+    """The config of a stage: the base, its preset, then `overrides` (e.g. model, data, out, lr)."""
+    return GRPOConfig(**{"stage": stage, "model": "", "data": "", "out": "", **STAGE_PRESETS[stage], **overrides})
+
+
+@dataclass
+class Policy:
+    """What a GRPO step acts on: the model being trained and its processor, the frozen reference
+    (None when beta == 0), the optimizer and LR schedule, and the autocast context."""
+    model: torch.nn.Module
+    processor: object
+    ref_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class GroupBatch:
+    """One step's data from sampling to the update: B prompts x G completions, rows i*G .. i*G+G-1
+    continue prompt i. Sampling fills the first block, the step the rest."""
+    records: list[dict]                          # the B prompts' records (their labels are the answers)
+    images: list                                 # their images
+    rollout: vlm.Rollout                         # prompt tensors, completion ids [N, T], mask, texts
+    rewards: torch.Tensor                        # [N] weighted sum of the components
+    components: dict[str, list[float]]           # reward component -> [N] values
+    zero_std: torch.Tensor                       # [B] the group's G rewards are all equal
+    advantages: torch.Tensor | None = None       # [N] group-relative, on the model's device
+    old_logp: torch.Tensor | None = None         # [N, T] pi_old, when mu > 1 (else the policy's, detached)
+    ref_logp: torch.Tensor | None = None         # [N, T] pi_ref, when beta != 0
+
+    @property
+    def labels(self) -> list[str]:
+        return [r["label"] for r in self.records]
 
 
 class Timer:
@@ -246,48 +324,56 @@ def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> 
     return (end - start) / mask.shape[0]
 
 
-def score(rollout, labels: list[str], config: dict) -> tuple[torch.Tensor, dict[str, list[float]]]:
-    """Rewards [N] of the completions (labels repeated per group) and each component's values."""
-    group_labels = [y for y in labels for _ in range(config["num_generations"])]
-    totals, components = combined_reward(rollout.texts, group_labels, config["rewards"])
-    return torch.tensor(totals), components
+# ---------------------------------------------------------------------------------------------
+# One GRPO step: sample -> score -> advantages -> update
+# ---------------------------------------------------------------------------------------------
+def grpo_step(policy: Policy, records: list[dict], images: list, cfg: GRPOConfig,
+              draw_prompts=None) -> tuple[dict, list[dict]]:
+    """One GRPO step on B prompts. Returns (metrics for the log, the stats of each update).
+
+    The update runs unless it is provably a no-op (beta == 0 and every group has zero std): with
+    beta > 0 a batch without reward signal still pulls the policy towards the reference, which is
+    part of the objective. The LR schedule steps once per GRPO step either way. With
+    cfg.dynamic_sampling, `draw_prompts()` supplies (records, images) of further prompts."""
+    timer = Timer(policy.device)
+    rounds = sample_and_score(policy, records, images, cfg, timer, draw_prompts)   # 1-2. pi_old's groups, rewards
+    batch = assemble_batch(policy.processor, rounds, cfg, policy.device)           #      the B groups to learn from
+    advantages, batch.zero_std = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_rewards)  # 3.
+    batch.advantages = advantages.to(policy.device)
+    lr, updates = policy.scheduler.get_last_lr()[0], []
+    if cfg.beta != 0 or not bool(batch.zero_std.all()):
+        with timer.phase("logprobs"):
+            add_frozen_logprobs(policy, batch, cfg)                                # 4. pi_ref and pi_old, no grad
+        with timer.phase("update"):
+            updates = [policy_update(policy, batch, cfg, with_entropy=(k == 0)) for k in range(cfg.mu)]  # 5.
+    step_scheduler(policy.scheduler)
+    return step_metrics(rounds, batch, updates, timer, lr, cfg), updates
 
 
-@dataclass
-class Round:
-    """One generation round: B prompts, G scored completions each (rows g*G .. g*G+G-1 = group g)."""
-    records: list[dict]
-    images: list
-    rollout: vlm.Rollout
-    rewards: torch.Tensor                  # [B*G]
-    components: dict[str, list[float]]     # reward component -> [B*G] values
-    zero_std: torch.Tensor                 # [B] bool: the group's G rewards are all equal
-
-
-def generate_round(model, processor, records, images, config, timer) -> Round:
-    """Sample G completions per prompt in ONE batched generate call (this is pi_old), then score them."""
-    with timer.phase("sample"):
-        rollout = vlm.sample_completions(model, processor, images, group_size=config["num_generations"],
-                                         max_new_tokens=config["max_new_tokens"], temperature=config["temperature"],
-                                         top_p=config["top_p"])
-    with timer.phase("score"):
-        rewards, components = score(rollout, [r["label"] for r in records], config)
-    _, zero_std = group_advantages(rewards, config["num_generations"], config["scale_rewards"])
-    return Round(records, images, rollout, rewards, components, zero_std)
-
-
-def collect_rounds(model, processor, records, images, config, timer, draw_prompts) -> list[Round]:
-    """The step's generation rounds: the given prompts, then, with dynamic sampling (DAPO), rounds of
-    fresh prompts from `draw_prompts()` until B groups have signal or `max_extra_rounds` extra
-    rounds have run, whichever comes first."""
-    rounds = [generate_round(model, processor, records, images, config, timer)]
-    if config["dynamic_sampling"]:
+def sample_and_score(policy: Policy, records, images, cfg: GRPOConfig, timer: Timer, draw_prompts) -> list[GroupBatch]:
+    """The step's generation rounds: the given prompts, then, with dynamic sampling (DAPO), rounds
+    of fresh prompts from `draw_prompts()` until B groups have signal or `max_extra_rounds`
+    extra rounds have run, whichever comes first."""
+    rounds = [generate_round(policy, records, images, cfg, timer)]
+    if cfg.dynamic_sampling:
         if draw_prompts is None:
             raise ValueError("dynamic sampling needs draw_prompts, a function that returns (records, images) of new prompts")
-        while (sum(int((~r.zero_std).sum()) for r in rounds) < len(records)
-               and len(rounds) <= config["max_extra_rounds"]):
-            rounds.append(generate_round(model, processor, *draw_prompts(), config, timer))
+        while sum(int((~r.zero_std).sum()) for r in rounds) < len(records) and len(rounds) <= cfg.max_extra_rounds:
+            rounds.append(generate_round(policy, *draw_prompts(), cfg, timer))
     return rounds
+
+
+def generate_round(policy: Policy, records, images, cfg: GRPOConfig, timer: Timer) -> GroupBatch:
+    """Sample G completions per prompt in ONE batched generate call (this is pi_old), then score them."""
+    with timer.phase("sample"):
+        rollout = vlm.sample_completions(policy.model, policy.processor, images, group_size=cfg.num_generations,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    with timer.phase("score"):
+        labels = [r["label"] for r in records for _ in range(cfg.num_generations)]
+        totals, components = combined_reward(rollout.texts, labels, cfg.rewards)
+        rewards = torch.tensor(totals)
+    _, zero_std = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+    return GroupBatch(records, images, rollout, rewards, components, zero_std)
 
 
 def pick_groups(zero_std_per_round: list[torch.Tensor], batch_size: int) -> list[tuple[int, int]]:
@@ -302,59 +388,67 @@ def pick_groups(zero_std_per_round: list[torch.Tensor], batch_size: int) -> list
     return sorted((signal + flat)[:batch_size])   # generation order: one full round is the round as is
 
 
-def batch_of_groups(processor, rounds: list[Round], picks: list[tuple[int, int]], group_size: int,
-                    device) -> tuple[vlm.Rollout, torch.Tensor, list[dict]]:
-    """The picked groups as one batch: (rollout, rewards [B*G], records [B]).
-
-    Without dynamic sampling the batch is the first round, unchanged. Otherwise the prompts of the
-    kept groups are re-encoded in one processor call (one consistent left padding), rather than
-    spliced from the rounds' tensors: rounds can differ in prompt length and padding, and each model
-    family encodes its prompts in its own way. Completions are right-padded to the longest round
-    with pad tokens under a 0 mask, exactly as generate() pads a finished completion."""
+def assemble_batch(processor, rounds: list[GroupBatch], cfg: GRPOConfig, device) -> GroupBatch:
+    """The picked groups as one batch. Without dynamic sampling it is the first round, unchanged.
+    Otherwise the kept prompts are re-encoded in one processor call (one consistent left padding)
+    rather than spliced from the rounds' tensors, which differ in prompt length and padding and in
+    how each model family lays them out. Completions are right-padded to the longest round with
+    pad tokens under a 0 mask, exactly as generate() pads a finished completion."""
+    picks = pick_groups([r.zero_std for r in rounds], len(rounds[0].records))
     if picks == [(0, j) for j in range(len(rounds[0].records))]:
-        return rounds[0].rollout, rounds[0].rewards, rounds[0].records
-    g = group_size
+        return rounds[0]
+    g = cfg.num_generations
     rows = [(rounds[k], slice(j * g, (j + 1) * g)) for k, j in picks]
     images = [rounds[k].images[j] for k, j in picks]
-    prompts = vlm.encode_prompts(processor, images, device=device)
     width = max(r.rollout.completion_ids.shape[1] for r, _ in rows)
 
     def stack(name: str, fill: int) -> torch.Tensor:
         parts = [getattr(r.rollout, name)[sl] for r, sl in rows]
         return torch.cat([F.pad(x, (0, width - x.shape[1]), value=fill) for x in parts])
 
-    rollout = vlm.Rollout(prompts=prompts, group_size=g, completion_ids=stack("completion_ids", processor.tokenizer.pad_token_id),
+    rollout = vlm.Rollout(prompts=vlm.encode_prompts(processor, images, device=device), group_size=g,
+                          completion_ids=stack("completion_ids", processor.tokenizer.pad_token_id),
                           completion_mask=stack("completion_mask", 0),
                           truncated=torch.cat([r.rollout.truncated[sl] for r, sl in rows]),
                           texts=[t for r, sl in rows for t in r.rollout.texts[sl]])
-    rewards = torch.cat([r.rewards[sl] for r, sl in rows])
-    return rollout, rewards, [rounds[k].records[j] for k, j in picks]
+    components = {name: [v for r, sl in rows for v in r.components[name][sl]] for name in rounds[0].components}
+    return GroupBatch([rounds[k].records[j] for k, j in picks], images, rollout,
+                      torch.cat([r.rewards[sl] for r, sl in rows]), components,
+                      torch.stack([rounds[k].zero_std[j] for k, j in picks]))
 
 
-def policy_update(model, optimizer, rollout, advantages, old_logp, ref_logp, config, autocast,
-                  want_entropy: bool) -> dict:
+@torch.no_grad()
+def add_frozen_logprobs(policy: Policy, batch: GroupBatch, cfg: GRPOConfig) -> None:
+    """pi_ref's log-probs (the frozen start of the stage) when beta != 0, and pi_old's (the policy
+    before this step's updates) when mu > 1; with mu = 1 the update uses its own, detached."""
+    r = batch.rollout
+    args = (r.prompts, r.completion_ids, r.completion_mask, r.group_size, cfg.temperature, cfg.logp_micro_batch)
+    with policy.autocast:
+        batch.ref_logp = vlm.completion_logprobs(policy.ref_model, *args) if policy.ref_model is not None else None
+        batch.old_logp = vlm.completion_logprobs(policy.model, *args) if cfg.mu > 1 else None
+
+
+def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entropy: bool) -> dict:
     """One optimizer step on the GRPO loss, micro-batched over completions with gradient
-    accumulation. Returns detached stats (weighted like the loss) and the grad norm.
-    The LR scheduler is stepped by the caller, once per GRPO step."""
-    n = rollout.completion_ids.shape[0]
-    step = config["micro_batch"] or n
-    mask = rollout.completion_mask
+    accumulation. Returns detached stats (weighted like the loss) and the grad norm."""
+    r, model = batch.rollout, policy.model
+    n, mask = r.completion_ids.shape[0], r.completion_mask
+    step = cfg.micro_batch or n
     totals: dict[str, torch.Tensor] = {}
-    with autocast:  # the B images go through the vision tower once; every chunk's rows share them
-        features = vlm.encode_images(model, rollout.prompts, chunked_backward=True)
+    with policy.autocast:  # the B images go through the vision tower once; every chunk's rows share them
+        features = vlm.encode_images(model, r.prompts, chunked_backward=True)
     for s in range(0, n, step):
         e = min(n, s + step)
-        with autocast:
-            out = vlm.completion_logprobs(model, rollout.prompts, rollout.completion_ids[s:e], mask[s:e],
-                                          rollout.group_size, config["temperature"], with_entropy=want_entropy,
-                                          features=features, first_row=s)
-        logp, entropy = out if want_entropy else (out, None)
+        with policy.autocast:
+            out = vlm.completion_logprobs(model, r.prompts, r.completion_ids[s:e], mask[s:e], r.group_size,
+                                          cfg.temperature, with_entropy=with_entropy, features=features, first_row=s)
+        logp, entropy = out if with_entropy else (out, None)
         # mu = 1: the policy has not moved since sampling, so pi_old = pi_theta (detached).
-        old = old_logp[s:e] if old_logp is not None else logp.detach()
-        ref = ref_logp[s:e] if ref_logp is not None else None
-        loss, stats = grpo_loss(logp, old, ref, advantages[s:e], mask[s:e], config["eps_low"], config["eps_high"],
-                                config["beta"], config["aggregation"], config["max_new_tokens"])
-        w = chunk_weight(mask, s, e, config["aggregation"])
+        old = batch.old_logp[s:e] if batch.old_logp is not None else logp.detach()
+        ref = batch.ref_logp[s:e] if batch.ref_logp is not None else None
+        loss, stats = grpo_loss(logp, old, ref, batch.advantages[s:e], mask[s:e], cfg.eps_low, cfg.eps_high,
+                                cfg.beta, cfg.aggregation, cfg.max_new_tokens)
+        w = chunk_weight(mask, s, e, cfg.aggregation)
         (loss * w).backward()
         totals["loss"] = totals.get("loss", 0.0) + loss.detach() * w   # sums to the full-batch loss
         if entropy is not None:
@@ -363,177 +457,102 @@ def policy_update(model, optimizer, rollout, advantages, old_logp, ref_logp, con
             totals[k] = totals.get(k, 0.0) + v * ((e - s) / n)
     features.backward()  # the chunks' summed gradient on the image features, through the vision tower once
     params = [p for p in model.parameters() if p.requires_grad]
-    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"])
+    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     if not torch.isfinite(totals["grad_norm"]) or not torch.isfinite(totals["loss"]):
         raise FloatingPointError(f"non-finite loss {totals['loss'].item()} or grad norm {totals['grad_norm'].item()}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    policy.optimizer.step()
+    policy.optimizer.zero_grad(set_to_none=True)
     return totals
 
 
-def grpo_step(model, ref_model, processor, optimizer, scheduler, records, images, config, autocast,
-              draw_prompts=None) -> tuple[dict, list]:
-    """One GRPO step: sample G completions per prompt, score, advantages, then mu updates.
-
-    With config["dynamic_sampling"], `draw_prompts()` supplies (records, images) of further prompts
-    (see `collect_rounds`). The update runs unless it is provably a no-op: beta == 0 and every
-    group in the batch has zero std. With beta > 0 a batch without reward signal still updates:
-    its gradient is the KL term's pull towards the reference, part of the objective. The LR
-    scheduler steps once per GRPO step either way, so step s has the same LR in every run.
-
-    Returns (metrics for the log, per-update stats)."""
-    device = next(model.parameters()).device
-    timer = Timer(device)
-    g = config["num_generations"]
-    # 1-2. Sample the groups (pi_old) and score them: one round, or several with dynamic sampling.
-    rounds = collect_rounds(model, processor, records, images, config, timer, draw_prompts)
-    with timer.phase("sample"):
-        picks = pick_groups([r.zero_std for r in rounds], len(records))
-        rollout, rewards, records = batch_of_groups(processor, rounds, picks, g, device)
-    # 3. Group-relative advantages (zero-std groups get A = 0 and carry no policy gradient).
-    advantages, zero_std = group_advantages(rewards, g, config["scale_rewards"])
-    advantages = advantages.to(device)
-    # With beta == 0 and no signal, every one of the mu updates has a gradient of exactly 0, and
-    # stepping AdamW on it would still move the weights (momentum, weight decay): skip them all.
-    run_update = config["beta"] != 0 or not bool(zero_std.all())
-    # 4. Reference (frozen stage start) and, for mu > 1, old-policy log-probs: no gradient.
-    ref_logp = old_logp = None
-    with timer.phase("logprobs"), torch.no_grad(), autocast:
-        lp = dict(group_size=g, temperature=config["temperature"], micro_batch=config["logp_micro_batch"])
-        args = (rollout.prompts, rollout.completion_ids, rollout.completion_mask)
-        if run_update and ref_model is not None:
-            ref_logp = vlm.completion_logprobs(ref_model, *args, **lp)
-        if run_update and config["mu"] > 1:
-            old_logp = vlm.completion_logprobs(model, *args, **lp)
-    # 5. mu optimizer updates on this batch, all at this step's learning rate.
-    lr = scheduler.get_last_lr()[0]
-    updates = []
-    with timer.phase("update"):
-        if run_update:
-            for k in range(config["mu"]):
-                updates.append(policy_update(model, optimizer, rollout, advantages, old_logp, ref_logp,
-                                             config, autocast, want_entropy=(k == 0)))
+def step_scheduler(scheduler) -> None:
+    """One LR-schedule step per GRPO step, whether or not the optimizer stepped."""
     with warnings.catch_warnings():  # a skipped first step is meant: torch warns when no optimizer step came before
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         scheduler.step()
-    metrics = round_metrics(rounds, g)
-    useful = int((~zero_std).sum())
-    generations = metrics["generations"]
-    metrics.update(
-        skipped_update=int(not updates), lr=lr, batch_zero_std_groups=int(zero_std.sum()), useful_groups=useful,
-        generations_per_useful_group=generations / useful if useful else None,
-        tokens_per_s=metrics.pop("sampled_tokens") / max(1e-9, timer.seconds["sample"]),
-        **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
-    if updates:
-        # One host sync for all stats, averaged over the mu updates (entropy: first update only).
-        # The first update's ratio is exactly 1, so clip fractions are diluted by 1/mu.
-        keys = ["loss", "kl_mean", "clip_low_frac", "clip_high_frac", "ratio_mean", "grad_norm"]
-        stacked = torch.stack([torch.stack([u[k].float() for k in keys]) for u in updates]).mean(0).tolist()
-        metrics.update(dict(zip(keys, stacked)), entropy=updates[0]["entropy"].item())
-    metrics["samples"] = [{"label": records[i // g]["label"], "completion": rollout.texts[i], "reward": rewards[i].item()}
-                          for i in range(0, len(rollout.texts), g)][:3]
-    return metrics, updates
 
 
-def round_metrics(rounds: list[Round], group_size: int) -> dict:
-    """What the policy's samples look like, over every completion generated this step (all rounds,
-    so the numbers mean the same with and without dynamic sampling), and what generation cost."""
+def step_metrics(rounds: list[GroupBatch], batch: GroupBatch, updates: list[dict], timer: Timer, lr: float,
+                 cfg: GRPOConfig) -> dict:
+    """The step's log line. Sample statistics cover every completion generated this step (all
+    rounds, so they mean the same with and without dynamic sampling); update statistics are the
+    mean over the mu updates, brought to the host in one transfer."""
+    g = cfg.num_generations
     rewards = torch.cat([r.rewards for r in rounds])
     lengths = torch.cat([r.rollout.completion_mask.sum(1) for r in rounds]).float()
+    useful = int((~batch.zero_std).sum())
     metrics = {f"reward_{name}": sum(sum(r.components[name]) for r in rounds) / len(rewards)
                for name in rounds[0].components}
     metrics.update(
-        reward_mean=rewards.mean().item(), reward_std=rewards.view(-1, group_size).std(dim=1).mean().item(),
+        reward_mean=rewards.mean().item(), reward_std=rewards.view(-1, g).std(dim=1).mean().item(),
         frac_zero_std=torch.cat([r.zero_std for r in rounds]).float().mean().item(),
         completion_len_mean=lengths.mean().item(), completion_len_max=lengths.max().item(),
         frac_truncated=torch.cat([r.rollout.truncated for r in rounds]).float().mean().item(),
-        gen_rounds=len(rounds), generations=len(rewards), sampled_tokens=lengths.sum().item())
+        gen_rounds=len(rounds), generations=len(rewards), skipped_update=int(not updates), lr=lr,
+        batch_zero_std_groups=int(batch.zero_std.sum()), useful_groups=useful,
+        generations_per_useful_group=len(rewards) / useful if useful else None,
+        tokens_per_s=lengths.sum().item() / max(1e-9, timer.seconds["sample"]),
+        **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
+    if updates:
+        # The first update's ratio is exactly 1, so the clip fractions are diluted by 1/mu.
+        keys = ["loss", "kl_mean", "frac_clipped_lower", "frac_clipped_upper", "ratio_mean", "grad_norm"]
+        stacked = torch.stack([torch.stack([u[k].float() for k in keys]) for u in updates]).mean(0).tolist()
+        metrics.update(dict(zip(keys, stacked)), entropy=updates[0]["entropy"].item())
+    metrics["samples"] = [{"label": batch.records[i // g]["label"], "completion": batch.rollout.texts[i],
+                           "reward": batch.rewards[i].item()} for i in range(0, len(batch.rollout.texts), g)][:3]
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> GRPOConfig:
+    """The run's config: GRPOConfig's defaults, then the stage's preset, then the flags given."""
+    def preset_note(name):  # "(default: 0.2; stage 4: 0.1)": the base, then the stages that replace it
+        base = next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == name)
+        replaced = [f"stage {s}: {preset[name]}" for s, preset in STAGE_PRESETS.items() if name in preset]
+        return f"{base}; {', '.join(replaced)}" if replaced else None
+
     p = argparse.ArgumentParser(description="Stages 2-4: GRPO (format; format+accuracy) and CLGRPO (clip-low).")
-    p.add_argument("--stage", type=int, required=True, choices=[2, 3, 4], help="2: format reward; 3: + accuracy; 4: + clip-low")
-    p.add_argument("--model", required=True, help="start checkpoint = frozen reference (previous stage's run folder)")
-    p.add_argument("--data", required=True, help="EmoSet-layout data root (train split for prompts, val for eval)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint/, metrics.jsonl, samples.jsonl, run_config.json")
-    f = lambda flag, typ, hlp, **kw: p.add_argument(flag, type=typ, default=None, help=hlp + " (default: stage preset)", **kw)  # noqa: E731
-    f("--steps", int_at_least(1), "GRPO steps (one generation batch each)")
-    f("--batch-size", int_at_least(1), "prompts per step (B)")
-    f("--num-generations", int_at_least(2), "completions per prompt (G)")
-    f("--mu", int_at_least(1), "optimizer updates per generation batch")
-    f("--lr", float_in(0), "learning rate (AdamW)")
-    f("--warmup", int_at_least(0), "linear LR warm-up steps")
-    f("--weight-decay", float_in(0), "AdamW weight decay")
-    f("--max-grad-norm", float_in(0, lo_open=True), "gradient clipping norm")
-    f("--beta", float_in(0), "KL weight; 0 skips the reference model")
-    f("--eps-low", float_in(0, 1, hi_open=True), "lower clip: rho >= 1 - eps_low binds for A < 0")
-    f("--eps-high", float_in(0), "upper clip: rho <= 1 + eps_high binds for A > 0")
-    f("--aggregation", str, "loss aggregation", choices=["sequence", "token", "constant"])
-    f("--scale-rewards", str, "advantage scaling: group std or none (Dr. GRPO)", choices=["group", "none"])
-    f("--temperature", float_in(0, lo_open=True), "sampling temperature (log-probs use the same)")
-    f("--top-p", float_in(0, 1, lo_open=True), "nucleus sampling (1.0 keeps log-probs exact)")
-    f("--max-new-tokens", int_at_least(1), "completion length limit")
-    f("--format-weight", float_in(0), "weight of the format reward")
-    f("--accuracy-weight", float_in(0), "weight of the accuracy reward")
-    f("--micro-batch", int_at_least(1), "completions per forward/backward in the update")
-    f("--logp-micro-batch", int_at_least(1), "completions per no-grad forward (reference / old policy)")
-    f("--eval-every", int_at_least(0), "validation accuracy every N steps (0: never)")
-    f("--eval-limit", int_at_least(1), "validation records per evaluation")
-    f("--save-every", int_at_least(1), "checkpoint every N steps (and at the end)")
-    f("--sample-every", int_at_least(0), "write sample completions every N steps (0: never)")
-    f("--seed", int, "random seed (sampling and data order)")
-    p.add_argument("--dynamic-sampling", action="store_true", default=None,
-                   help="DAPO dynamic sampling: drop groups whose rewards are all equal and generate for fresh "
-                        "prompts until B groups have signal (default: off; see README, zero-std groups)")
-    f("--max-extra-rounds", int_at_least(0), "dynamic sampling: at most N extra generation rounds of B prompts per step; "
-                                             "if still short, the batch is topped up with zero-std groups")
-    p.add_argument("--stop-after", type=int_at_least(1), help="save and stop after N steps of this invocation (--resume continues)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, RNG, data order)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--ref-dtype", choices=["float32", "bfloat16", "float16"], help="reference model dtype (default: --dtype); bfloat16 halves its memory")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
-    p.add_argument("--max-image-tokens", type=int_at_least(1), help="bound the image tokens of one image through the family's own knob (Qwen max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids); default: the checkpoint's")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    add_config_flags(p, GRPOConfig, default_note=preset_note)
     args = p.parse_args(argv)
     if problem := output_path_problem(args.out, "dir"):
         p.error(problem)
-    return args
+    try:
+        return config_from_args(GRPOConfig, args, **STAGE_PRESETS[args.stage])
+    except ValueError as err:
+        p.error(str(err))
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    config = resolve_config(args)
-    out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
-    resume = vlm.resume_point(out, args.resume)   # recovers an interrupted save; refuses a --resume with no state
-    vlm.seed_everything(config["seed"])
+    cfg = parse_args(argv)
+    out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
+    resume = vlm.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses a --resume with no state
+    vlm.seed_everything(cfg.seed)
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
     # --model, frozen: KL is measured against where this stage started.
-    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing,
-                                      max_image_tokens=args.max_image_tokens)
+    model, processor = vlm.load_model(ckpt if resume else cfg.model, cfg.dtype, cfg.device, cfg.gradient_checkpointing,
+                                      max_image_tokens=cfg.max_image_tokens)
     device = next(model.parameters()).device
-    if args.freeze_vision:
+    if cfg.freeze_vision:
         for prm in vlm.vision_parameters(model):
             prm.requires_grad_(False)
     ref_model = None
-    if config["beta"] != 0:
-        ref_model, _ = vlm.load_model(args.model, args.ref_dtype or args.dtype, args.device)
+    if cfg.beta != 0:
+        ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype or cfg.dtype, cfg.device)
         ref_model.eval().requires_grad_(False)
 
-    train, report = read_emoset_split(args.data, "train", skip_missing=True)
-    val = read_val_for_training(args.data, config["eval_every"], config["eval_limit"])
+    train, report = read_emoset_split(cfg.data, "train", skip_missing=True)
+    val = read_val_for_training(cfg.data, cfg.eval_every, cfg.eval_limit)
     unreadable = {}   # id -> reason of images skipped (one warning each)
     if report["skipped_missing"]:
         print(f"skipped {report['skipped_missing']} train entries with missing images")
     params = [prm for prm in model.parameters() if prm.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-    warmup = config["warmup"]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    sampler = EpochSampler(len(train), config["seed"])
+    policy = Policy(model, processor, ref_model, optimizer, scheduler,
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16))
+    sampler = EpochSampler(len(train), cfg.seed)
     step, skipped = 0, 0
     if resume:
         state = vlm.restore_training_state(ckpt, optimizer, scheduler, sampler)
@@ -542,32 +561,29 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "samples.jsonl"):
         truncate_jsonl_after_step(out / name, step)  # drop log lines of steps to be (re)done
-    atomic_write_json(out / "run_config.json", config)
-    print("resolved configuration:", json.dumps(config))
+    run_config = {**dataclasses.asdict(cfg), "rewards": cfg.rewards}
+    atomic_write_json(out / "run_config.json", run_config)
+    print("resolved configuration:", json.dumps(run_config))
 
     def save():
         state = vlm.training_state(step, optimizer, scheduler, sampler, skipped_updates=skipped)
-        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": config})
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    model.train()
-    last = min(config["steps"], step + args.stop_after) if args.stop_after else config["steps"]
-    bar = tqdm(total=config["steps"], initial=step, desc=f"stage{args.stage}")
+        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": run_config})
 
     def draw_prompts():
         """The next B training prompts with readable images; dynamic sampling draws more from the same
         sampler. A draw whose images are all unreadable is passed over (the same way when resumed)."""
-        for _ in range(len(train) // config["batch_size"] + 1):
-            batch = [train[i] for i in sampler.next_batch(config["batch_size"])]
-            records, images = load_images(args.data, batch, unreadable)
+        for _ in range(len(train) // cfg.batch_size + 1):
+            records, images = load_images(cfg.data, [train[i] for i in sampler.next_batch(cfg.batch_size)], unreadable)
             if records:
                 return records, images
         raise SystemExit(f"a whole epoch of the {len(train)} training images was unreadable (see the warnings above)")
 
+    model.train()
+    last = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage{cfg.stage}")
     while step < last:
         try:
-            metrics, _ = grpo_step(model, ref_model, processor, optimizer, scheduler, *draw_prompts(), config, autocast,
-                                   draw_prompts=draw_prompts)
+            metrics, _ = grpo_step(policy, *draw_prompts(), cfg, draw_prompts=draw_prompts)
             vlm.require_finite_weights(model)   # the loss and gradient guards cannot see an update that overflows
         except FloatingPointError as e:
             raise SystemExit(f"stopped at step {step + 1}: {e}. The last good checkpoint is {ckpt}") from e
@@ -575,18 +591,18 @@ def main(argv=None) -> dict:
         skipped += metrics["skipped_update"]
         samples = metrics.pop("samples")
         metrics = {"step": step, **metrics, "skipped_updates_total": skipped}
-        if val and (step % config["eval_every"] == 0 or step == config["steps"]):
-            val_metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=config["max_new_tokens"],
+        if val and (step % cfg.eval_every == 0 or step == cfg.steps):
+            val_metrics, _ = evaluation.evaluate(model, processor, cfg.data, val, max_new_tokens=cfg.max_new_tokens,
                                                  progress=False, skipped=unreadable)
             metrics.update(val_accuracy=val_metrics["accuracy"], val_format_rate=val_metrics["format_rate"])
             model.train()
         append_jsonl(out / "metrics.jsonl", metrics)
-        if config["sample_every"] and step % config["sample_every"] == 0:
+        if cfg.sample_every and step % cfg.sample_every == 0:
             append_jsonl(out / "samples.jsonl", {"step": step, "samples": samples})
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", acc=f"{metrics.get('reward_accuracy', 0):.2f}",
                         fmt=f"{metrics.get('reward_format', 0):.2f}", kl=f"{metrics.get('kl_mean', 0):.3f}")
         bar.update(1)
-        if step % config["save_every"] == 0 or step == last:
+        if step % cfg.save_every == 0 or step == last:
             save()
     bar.close()
     evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")

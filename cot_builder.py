@@ -8,7 +8,7 @@ The dataset's labels, not people, check the teachers' reasoning:
                    whose answer equals the label are kept;
   2. cross-check   each candidate's reasoning (answer removed) goes, as text only, to the OTHER
                    teachers, which must name the label from the reasoning alone (votes);
-  3. rationalise   (optional) for images no teacher got right, teachers are told the label and
+  3. rationalize   (optional) for images no teacher got right, teachers are told the label and
                    asked for reasoning that leads to it (records marked mode "hinted");
   4. select        one candidate per image: most votes, then the shortest reasoning.
 
@@ -373,7 +373,7 @@ def cross_check(teachers, candidates: list[list[dict]], labels, failures: Counte
             c["votes"] = c.get("votes", 0) + int(answer == labels[i])
 
 
-def rationalise(teachers, items, labels, candidates, failures: Counter, lost: dict | None = None) -> None:
+def rationalize(teachers, items, labels, candidates, failures: Counter, lost: dict | None = None) -> None:
     """Step 3. For images without a candidate, ask teachers for reasoning given the label."""
     lost = {} if lost is None else lost
     todo = [i for i, cands in enumerate(candidates) if not cands and i not in lost]
@@ -382,7 +382,7 @@ def rationalise(teachers, items, labels, candidates, failures: Counter, lost: di
         for i, reply in zip(todo, replies):
             outcome, think, answer = read_reply(reply)
             if outcome == "error":
-                lost.setdefault(i, f"rationalise: {reply}")
+                lost.setdefault(i, f"rationalize: {reply}")
             elif outcome != "ok":
                 failures[teacher.name] += 1
             elif answer == labels[i]:
@@ -457,7 +457,7 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
         lost = {}
         candidates, outcomes = blind_pass(teachers, items, labels, lost)
         if rationalize:
-            rationalise(teachers, items, labels, candidates, failures, lost)
+            rationalize(teachers, items, labels, candidates, failures, lost)
         cross_check(teachers, candidates, labels, failures, lost)
         for i, r in enumerate(batch):
             if i in lost:

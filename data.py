@@ -9,6 +9,7 @@ the data folder moves.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -463,3 +464,41 @@ def truncate_jsonl_after_step(path: str | os.PathLike, step: int) -> None:
     repair_jsonl_tail(path)
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed configs: each script's settings are one dataclass; its command-line flags are generated
+# from the fields, so a flag, its default and its help can never drift apart.
+# ----------------------------------------------------------------------------------------------
+def arg(default=dataclasses.MISSING, help: str = "", **argparse_kwargs):
+    """A config field: its default (none: a required flag), a one-line help, and any extra
+    argparse settings (a checking `type`, `choices`, `action`, `nargs`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, default_note=None) -> None:
+    """One `--flag-name` per field of the dataclass `cls`. Only flags given on the command line
+    reach the namespace (argparse.SUPPRESS), so `config_from_args` can tell them from defaults.
+    `default_note(name)` may replace the "(default: ...)" text of a field."""
+    for f in dataclasses.fields(cls):
+        kwargs = dict(f.metadata)
+        note = default_note(f.name) if default_note else None
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        elif note or not (f.default is None or f.default is False):
+            kwargs["help"] += f" (default: {note or f.default})"
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
+            kwargs.setdefault("action", "store_true")
+        elif "action" not in kwargs:
+            kwargs.setdefault("type", _TYPES.get(kind, str))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kwargs)
+
+
+def config_from_args(cls, namespace: argparse.Namespace, **base):
+    """cls(**base) with every flag the user gave replacing its field."""
+    given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    return cls(**{**base, **given})

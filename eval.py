@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import vlm
-from data import (EMOTIONS, atomic_write_bytes, atomic_write_json, atomic_write_text, int_at_least, load_images,
+from data import (EMOTIONS, add_config_flags, arg, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                  config_from_args, int_at_least, load_images,
                   output_path_problem, read_emoset_split, read_jsonl, valence)
 from rewards import format_reward, normalize_emotion, parse_answer
 
@@ -181,7 +183,7 @@ def confusion_png(matrix: list[list[int]], path: str | os.PathLike, title: str =
 
 
 CURVE_KEYS = ["loss", "reward_mean", "reward_accuracy", "reward_format", "val_accuracy", "kl_mean",
-              "clip_low_frac", "clip_high_frac", "entropy", "completion_len_mean"]
+              "frac_clipped_lower", "frac_clipped_upper", "entropy", "completion_len_mean"]
 
 
 def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, keys: list[str] | None = None) -> list[str]:
@@ -232,22 +234,31 @@ def aggregate(result_files: list[str], keys=("accuracy", "uar", "macro_f1", "for
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every setting of an evaluation (or, with --aggregate, of a mean +- std table over seeds)."""
+    model: list | None = arg(None, "model folder or run folder; repeat to compare", action="append")
+    name: list | None = arg(None, "row name per --model (default: the folder name)", action="append")
+    aggregate: list | None = arg(None, "instead: mean +- std over several results.json (seeds)", nargs="+",
+                                 metavar="RESULTS_JSON")
+    data: str | None = arg(None, "EmoSet-layout data root")
+    split: str = arg("test", "split to evaluate", choices=["train", "val", "test"])
+    limit: int | None = arg(None, "evaluate only the first N records", type=int_at_least(1))
+    skip_missing: bool = arg(False, "skip (and count) entries whose image is missing")
+    batch_size: int = arg(32, "prompts per generate call", type=int_at_least(1))
+    max_new_tokens: int = arg(96, "completion length limit", type=int_at_least(1))
+    out: str = arg("runs/eval", "output folder for tables, predictions and pictures")
+    device: str = arg("auto", "auto, cpu or cuda")
+    dtype: str = arg("float32", "weights dtype", choices=list(vlm.DTYPES))
+    max_image_tokens: int | None = arg(None, "bound one image's tokens through the family's own knob (Qwen "
+                                             "max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids)",
+                                       type=int_at_least(1))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Evaluate checkpoints on an EmoSet-layout split and compare them.")
-    p.add_argument("--model", action="append", help="model folder or run folder; repeat to compare")
-    p.add_argument("--aggregate", nargs="+", metavar="RESULTS_JSON", help="instead: mean +- std over several results.json (seeds)")
-    p.add_argument("--name", action="append", help="row name per --model (default: the folder name)")
-    p.add_argument("--data", help="EmoSet-layout data root")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
-    p.add_argument("--limit", type=int_at_least(1), help="evaluate only the first N records")
-    p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
-    p.add_argument("--batch-size", type=int_at_least(1), default=32, help="prompts per generate call")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=96, help="completion length limit")
-    p.add_argument("--out", default="runs/eval", help="output folder for tables, predictions and pictures")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--max-image-tokens", type=int_at_least(1), help="bound the image tokens of one image through the family's own knob (Qwen max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids); default: the checkpoint's")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    args = p.parse_args(argv)
+    add_config_flags(p, EvalConfig)
+    args = config_from_args(EvalConfig, p.parse_args(argv))
     if problem := output_path_problem(args.out, "dir"):
         p.error(problem)
     if args.aggregate:

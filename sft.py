@@ -12,9 +12,11 @@ tokens are labelled -100 (ignored).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,8 @@ from tqdm import tqdm
 
 import eval as evaluation
 import vlm
-from data import (MAX_THINK_CHARS, EpochSampler, append_jsonl, atomic_write_json, cot_target, float_in, int_at_least,
+from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args,
+                  cot_target, float_in, int_at_least,
                   label_target, load_images, output_path_problem, read_cot_records, read_emoset_split,
                   read_val_for_training, truncate_jsonl_after_step)
 
@@ -90,90 +93,101 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) ->
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def load_examples(args, processor) -> list[dict]:
+def load_examples(cfg: SFTConfig, processor) -> list[dict]:
     """Records with their training target: COT records from --cot (validated, see
     data.read_cot_records; the model's special tokens may not appear in a target), or labels."""
-    if args.mode == "cot":
-        records, _ = read_cot_records(args.cot, args.data, args.max_think_chars,
-                                      tuple(processor.tokenizer.all_special_tokens), args.skip_invalid)
-        examples = [{**r, "target": cot_target(r["think"], r["answer"])} for r in records]
-    else:
-        records, report = read_emoset_split(args.data, "train", skip_missing=args.skip_missing, limit=args.limit)
+    if cfg.mode == "cot":
+        records, _ = read_cot_records(cfg.cot, cfg.data, cfg.max_think_chars,
+                                      tuple(processor.tokenizer.all_special_tokens), cfg.skip_invalid)
+        examples = [{**r, "target": cot_target(r["think"], r["answer"])} for r in records][:cfg.limit]
+    else:  # the split reader applies --limit itself
+        records, report = read_emoset_split(cfg.data, "train", skip_missing=cfg.skip_missing, limit=cfg.limit)
         if report["skipped_missing"]:
             print(f"skipped {report['skipped_missing']} train entries with missing images")
         examples = [{**r, "target": label_target(r["label"])} for r in records]
-    if args.limit:
-        examples = examples[:args.limit]
     if not examples:
         raise ValueError("no training examples")
     return examples
 
 
 # ---------------------------------------------------------------------------------------------
-def parse_args(argv=None):
+@dataclass(frozen=True)
+class SFTConfig:
+    """Every setting of an SFT run (stage 1 on COT records, or the baseline on plain labels)."""
+    mode: str = arg(help="cot: train on COT JSONL; label: <answer>label</answer>", choices=["cot", "label"])
+    model: str = arg(help="initial model folder (e.g. the tiny VLM from toy.py)")
+    data: str = arg(help="EmoSet-layout data root (images; labels in --mode label)")
+    out: str = arg(help="run folder: checkpoint/, metrics.jsonl, run_config.json")
+    cot: str | None = arg(None, "COT records JSONL from cot_builder.py (--mode cot)")
+    # optimisation
+    steps: int = arg(300, "optimizer steps", type=int_at_least(1))
+    batch_size: int = arg(16, "examples per micro-batch", type=int_at_least(1))
+    grad_accum: int = arg(1, "micro-batches per optimizer step", type=int_at_least(1))
+    lr: float = arg(2e-3, "peak learning rate (2e-3 for the tiny model; ~1e-5 for 1-2B)", type=float_in(0))
+    warmup: int = arg(20, "linear warm-up steps", type=int_at_least(0))
+    weight_decay: float = arg(0.0, "AdamW weight decay", type=float_in(0))
+    max_grad_norm: float = arg(1.0, "gradient clipping norm", type=float_in(0, lo_open=True))
+    seed: int = arg(0, "seed for init-free randomness and data order")
+    # data
+    limit: int | None = arg(None, "use only the first N training examples", type=int_at_least(1))
+    skip_missing: bool = arg(False, "skip (and count) entries whose image is missing")
+    skip_invalid: bool = arg(False, "skip (and count) invalid COT records instead of stopping")
+    max_think_chars: int = arg(MAX_THINK_CHARS, "longest accepted COT reasoning, in characters", type=int_at_least(1))
+    # validation, checkpoints, resuming
+    eval_every: int = arg(100, "validation accuracy every N steps (0: never)", type=int_at_least(0))
+    eval_limit: int = arg(200, "validation records per evaluation", type=int_at_least(1))
+    max_new_tokens: int = arg(96, "generation length in validation", type=int_at_least(1))
+    save_every: int = arg(100, "checkpoint every N steps (and at the end)", type=int_at_least(1))
+    resume: bool = arg(False, "continue from OUT/checkpoint (step, optimizer, scheduler, RNG, data order)")
+    stop_after: int | None = arg(None, "save and stop after N steps of this invocation (--resume continues)",
+                                 type=int_at_least(1))
+    # hardware
+    device: str = arg("auto", "auto, cpu or cuda")
+    dtype: str = arg("float32", "weights dtype (keep float32 with --bf16 autocast)", choices=list(vlm.DTYPES))
+    bf16: bool = arg(False, "bf16 autocast for forward/backward (GPU)")
+    gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
+    freeze_vision: bool = arg(False, "do not train the vision tower")
+    max_image_tokens: int | None = arg(None, "bound one image's tokens through the family's own knob (Qwen "
+                                             "max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids)",
+                                       type=int_at_least(1))
+
+
+def parse_args(argv=None) -> SFTConfig:
     p = argparse.ArgumentParser(description="Stage 1 SFT (COT records) or the plain-label baseline.")
-    p.add_argument("--mode", required=True, choices=["cot", "label"], help="cot: train on COT JSONL; label: <answer>label</answer>")
-    p.add_argument("--model", required=True, help="initial model folder (e.g. the tiny VLM from toy.py)")
-    p.add_argument("--data", required=True, help="EmoSet-layout data root (images; labels in --mode label)")
-    p.add_argument("--cot", help="COT records JSONL from cot_builder.py (--mode cot)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint/, metrics.jsonl, run_config.json")
-    p.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps")
-    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=int_at_least(1), default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float_in(0), default=2e-3, help="peak learning rate (2e-3 for the tiny model; ~1e-5 for 1-2B)")
-    p.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float_in(0), default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float_in(0, lo_open=True), default=1.0, help="gradient clipping norm")
-    p.add_argument("--seed", type=int, default=0, help="seed for init-free randomness and data order")
-    p.add_argument("--limit", type=int_at_least(1), help="use only the first N training examples")
-    p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
-    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid COT records instead of stopping")
-    p.add_argument("--max-think-chars", type=int_at_least(1), default=MAX_THINK_CHARS, help="longest accepted COT reasoning, in characters")
-    p.add_argument("--eval-every", type=int_at_least(0), default=100, help="validation accuracy every N steps (0: never)")
-    p.add_argument("--eval-limit", type=int_at_least(1), default=200, help="validation records per evaluation")
-    p.add_argument("--save-every", type=int_at_least(1), default=100, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (step, optimizer, scheduler, RNG, data order)")
-    p.add_argument("--stop-after", type=int_at_least(1), help="save and stop after N steps of this invocation (split a run; --resume continues)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=list(vlm.DTYPES), help="weights dtype (keep float32 with --bf16 autocast)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward (GPU)")
-    p.add_argument("--max-image-tokens", type=int_at_least(1), help="bound the image tokens of one image through the family's own knob (Qwen max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids); default: the checkpoint's")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=96, help="generation length in validation")
+    add_config_flags(p, SFTConfig)
     args = p.parse_args(argv)
-    if args.mode == "cot" and not args.cot:
+    if args.mode == "cot" and not getattr(args, "cot", None):
         p.error("--mode cot needs --cot FILE.jsonl")
     if problem := output_path_problem(args.out, "dir"):
         p.error(problem)
-    return args
+    return config_from_args(SFTConfig, args)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    out, ckpt = Path(args.out), Path(args.out) / "checkpoint"
-    resume = vlm.resume_point(out, args.resume)   # recovers an interrupted save; refuses a --resume with no state
-    vlm.seed_everything(args.seed)
-    model, processor = vlm.load_model(ckpt if resume else args.model, args.dtype, args.device, args.gradient_checkpointing,
-                                      max_image_tokens=args.max_image_tokens)
+    cfg = parse_args(argv)
+    out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
+    resume = vlm.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses a --resume with no state
+    vlm.seed_everything(cfg.seed)
+    model, processor = vlm.load_model(ckpt if resume else cfg.model, cfg.dtype, cfg.device, cfg.gradient_checkpointing,
+                                      max_image_tokens=cfg.max_image_tokens)
     device = next(model.parameters()).device
-    if args.freeze_vision:
+    if cfg.freeze_vision:
         for prm in vlm.vision_parameters(model):
             prm.requires_grad_(False)
-    examples = load_examples(args, processor)
-    val = read_val_for_training(args.data, args.eval_every, args.eval_limit)
+    examples = load_examples(cfg, processor)
+    val = read_val_for_training(cfg.data, cfg.eval_every, cfg.eval_limit)
     unreadable = {}   # id -> reason of images skipped (one warning each)
     params = [prm for prm in model.parameters() if prm.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
-    sampler = EpochSampler(len(examples), args.seed)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
+    sampler = EpochSampler(len(examples), cfg.seed)
     step = 0
     if resume:
         step = vlm.restore_training_state(ckpt, optimizer, scheduler, sampler)["step"]
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
     truncate_jsonl_after_step(out / "metrics.jsonl", step)  # drop log lines of steps to be (re)done
-    config = {**vars(args), "examples": len(examples), "device": str(device)}
+    config = {**dataclasses.asdict(cfg), "examples": len(examples), "device": str(device)}
     atomic_write_json(out / "run_config.json", config)
     print(json.dumps(config))
 
@@ -181,24 +195,24 @@ def main(argv=None) -> dict:
         state = vlm.training_state(step, optimizer, scheduler, sampler)
         vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": config})
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     model.train()
-    bar = tqdm(total=args.steps, initial=step, desc=f"sft-{args.mode}")
-    last = min(args.steps, step + args.stop_after) if args.stop_after else args.steps
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"sft-{cfg.mode}")
+    last = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < last:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for _ in range(args.grad_accum):
-            chunk, images = load_images(args.data, [examples[i] for i in sampler.next_batch(args.batch_size)], unreadable)
+        for _ in range(cfg.grad_accum):
+            chunk, images = load_images(cfg.data, [examples[i] for i in sampler.next_batch(cfg.batch_size)], unreadable)
             if not chunk:
                 continue
             batch = build_sft_batch(processor, images, [r["target"] for r in chunk])
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
-                loss = sft_loss(model, batch) / args.grad_accum
+                loss = sft_loss(model, batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         loss_value, grad_value = loss_sum.item(), grad_norm.item()  # one sync per step, also for the log
         if not math.isfinite(loss_value) or not math.isfinite(grad_value):  # check BEFORE stepping
             raise SystemExit(f"stopped at step {step + 1}: non-finite loss {loss_value} or grad norm {grad_value}; "
@@ -213,15 +227,15 @@ def main(argv=None) -> dict:
         step += 1
         record = {"step": step, "loss": loss_value, "grad_norm": grad_value,
                   "lr": scheduler.get_last_lr()[0], "step_s": round(time.perf_counter() - t0, 4)}
-        if val and (step % args.eval_every == 0 or step == args.steps):
-            metrics, _ = evaluation.evaluate(model, processor, args.data, val, max_new_tokens=args.max_new_tokens,
+        if val and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics, _ = evaluation.evaluate(model, processor, cfg.data, val, max_new_tokens=cfg.max_new_tokens,
                                              progress=False, skipped=unreadable)
             record.update(val_accuracy=metrics["accuracy"], val_format_rate=metrics["format_rate"])
             model.train()
         append_jsonl(out / "metrics.jsonl", record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_acc": f"{record['val_accuracy']:.2f}"} if "val_accuracy" in record else {}))
         bar.update(1)
-        if step % args.save_every == 0 or step == last:
+        if step % cfg.save_every == 0 or step == last:
             save()
     bar.close()
     evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")

@@ -253,7 +253,7 @@ class ToyTeacher:
         return replies
 
     def hinted(self, items: list[tuple[str, Image.Image, str]]) -> list[str]:
-        """Told the label, produce reasoning that leads to it (rationalisation)."""
+        """Told the label, produce reasoning that leads to it (rationalization)."""
         replies = []
         for image_id, img, label in items:
             seen = perceive(img)

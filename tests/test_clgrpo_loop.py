@@ -2,6 +2,7 @@
 steps without reward signal, dynamic sampling, resume, the guards, and a short stage-2 run that
 really raises the format reward."""
 
+import dataclasses
 import json
 import math
 
@@ -27,8 +28,8 @@ def params_of(path):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-LOGGED = ["reward_format", "reward_accuracy", "reward_mean", "reward_std", "frac_zero_std", "kl_mean", "clip_low_frac",
-          "clip_high_frac", "ratio_mean", "completion_len_mean", "completion_len_max", "frac_truncated", "entropy",
+LOGGED = ["reward_format", "reward_accuracy", "reward_mean", "reward_std", "frac_zero_std", "kl_mean", "frac_clipped_lower",
+          "frac_clipped_upper", "ratio_mean", "completion_len_mean", "completion_len_max", "frac_truncated", "entropy",
           "grad_norm", "lr", "time_sample", "time_score", "time_logprobs", "time_update", "tokens_per_s", "loss",
           "gen_rounds", "generations", "useful_groups", "batch_zero_std_groups", "generations_per_useful_group"]
 
@@ -73,37 +74,47 @@ def test_lr0_leaves_policy_unchanged_and_kl_zero(tmp_path, half_format_model, to
 
 def test_stage_presets_resolve_and_overrides_win():
     base = ["--model", "m", "--data", "d", "--out", "o"]
-    c2 = clgrpo.resolve_config(clgrpo.parse_args(["--stage", "2", *base]))
-    c3 = clgrpo.resolve_config(clgrpo.parse_args(["--stage", "3", *base]))
-    c4 = clgrpo.resolve_config(clgrpo.parse_args(["--stage", "4", *base]))
-    assert c2["rewards"] == {"format": 1.0} and (c2["eps_low"], c2["eps_high"]) == (0.2, 0.2)
-    assert c3["rewards"] == {"format": 1.0, "accuracy": 1.0} and (c3["eps_low"], c3["eps_high"]) == (0.2, 0.2)
-    assert c4["rewards"] == c3["rewards"] and (c4["eps_low"], c4["eps_high"]) == (0.2, 0.1)
-    assert c2["steps"] < c3["steps"]  # stage 2 is the short one
-    assert c4["beta"] == 0.04 and c4["aggregation"] == "sequence" and c4["scale_rewards"] == "group"
-    over = clgrpo.resolve_config(clgrpo.parse_args(["--stage", "4", *base, "--eps-high", "0.28", "--beta", "0",
-                                                    "--accuracy-weight", "2", "--format-weight", "0", "--steps", "7"]))
-    assert (over["eps_high"], over["beta"], over["steps"]) == (0.28, 0.0, 7)
-    assert over["rewards"] == {"accuracy": 2.0}
+    c2, c3, c4 = (clgrpo.parse_args(["--stage", s, *base]) for s in "234")
+    assert c2.rewards == {"format": 1.0} and (c2.eps_low, c2.eps_high) == (0.2, 0.2)
+    assert c3.rewards == {"format": 1.0, "accuracy": 1.0} and (c3.eps_low, c3.eps_high) == (0.2, 0.2)
+    assert c4.rewards == c3.rewards and (c4.eps_low, c4.eps_high) == (0.2, 0.1)
+    assert dataclasses.replace(c4, stage=3, eps_high=0.2) == c3  # stage 4 is stage 3 with eps_high 0.1
+    assert c2.steps < c3.steps  # stage 2 is the short one
+    assert c4.beta == 0.04 and c4.aggregation == "sequence" and c4.scale_rewards == "group"
+    over = clgrpo.parse_args(["--stage", "4", *base, "--eps-high", "0.28", "--beta", "0",
+                              "--accuracy-weight", "2", "--format-weight", "0", "--steps", "7"])
+    assert (over.eps_high, over.beta, over.steps) == (0.28, 0.0, 7)
+    assert over.rewards == {"accuracy": 2.0}
+    with pytest.raises(SystemExit):
+        clgrpo.parse_args(["--stage", "2", *base, "--format-weight", "0"])
     with pytest.raises(ValueError, match="every reward weight is 0"):
-        clgrpo.resolve_config(clgrpo.parse_args(["--stage", "2", *base, "--format-weight", "0"]))
+        clgrpo.stage_config(2, format_weight=0.0)
+
+
+def test_flags_help_and_defaults_come_from_the_config(capsys):
+    with pytest.raises(SystemExit):
+        clgrpo.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(clgrpo.GRPOConfig):
+        assert "--" + f.name.replace("_", "-") in help_text  # every field is a flag
+    assert "(default: 200; stage 2: 40)" in help_text  # presets named in the help
+    assert "(default: 0.2; stage 4: 0.1)" in help_text and "(default: 1.0; stage 2: 0.0)" in help_text
 
 
 def test_mu2_second_update_sees_moved_ratios(half_format_model, toy_data):
     torch.manual_seed(3)
     model, processor = vlm.load_model(half_format_model)
     records, _ = read_emoset_split(toy_data, "train", limit=4)
-    config = {**clgrpo.DEFAULTS, **clgrpo.STAGE_PRESETS[3], "mu": 2, "lr": 3e-3, "num_generations": 8, "max_new_tokens": 40}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    config = clgrpo.stage_config(3, mu=2, lr=3e-3, num_generations=8, max_new_tokens=40, beta=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    metrics, updates = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records,
-                                        [load_image(toy_data, r) for r in records], {**config, "beta": 0.0},
-                                        torch.autocast("cpu", enabled=False))
+    policy = clgrpo.Policy(model, processor, None, optimizer, scheduler)
+    metrics, updates = clgrpo.grpo_step(policy, records, [load_image(toy_data, r) for r in records], config)
     assert len(updates) == 2
     assert updates[0]["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)   # pi_theta == pi_old before any step
     assert abs(updates[1]["ratio_mean"].item() - 1.0) > 1e-3                # moved after one step
-    assert updates[1]["clip_low_frac"].item() + updates[1]["clip_high_frac"].item() > 0
-    assert updates[0]["clip_low_frac"].item() == updates[0]["clip_high_frac"].item() == 0
+    assert updates[1]["frac_clipped_lower"].item() + updates[1]["frac_clipped_upper"].item() > 0
+    assert updates[0]["frac_clipped_lower"].item() == updates[0]["frac_clipped_upper"].item() == 0
 
 
 def test_beta0_all_zero_std_run_skips_updates_but_the_schedule_advances(tmp_path, tiny_model_dir, toy_data):
@@ -124,14 +135,12 @@ def constant_rewards(monkeypatch):
 
 def step_setup(model, toy_data, lr, warmup=1, **overrides):
     records, _ = read_emoset_split(toy_data, "train", limit=overrides.get("batch_size", 4))
-    config = {**clgrpo.DEFAULTS, **clgrpo.STAGE_PRESETS[3], "lr": lr, "num_generations": 4, "max_new_tokens": 24,
-              **overrides}
+    config = clgrpo.stage_config(3, **{"lr": lr, "num_generations": 4, "max_new_tokens": 24, **overrides})
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     return records, [load_image(toy_data, r) for r in records], config, optimizer, scheduler
 
 
-NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
 def test_beta_positive_update_without_reward_signal_pulls_policy_towards_reference(half_format_model, tiny_model_dir,
@@ -153,8 +162,8 @@ def test_beta_positive_update_without_reward_signal_pulls_policy_towards_referen
             return clgrpo.masked_aggregate(kl, probe.completion_mask, "token").item()
 
     before = kl_on_probe()
-    metrics, updates = clgrpo.grpo_step(model, ref, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST)
-    assert metrics["frac_zero_std"] == 1.0 and metrics["skipped_update"] == 0 and len(updates) == config["mu"]
+    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, ref, optimizer, scheduler), records, images, config)
+    assert metrics["frac_zero_std"] == 1.0 and metrics["skipped_update"] == 0 and len(updates) == config.mu
     assert metrics["grad_norm"] > 0 and metrics["kl_mean"] > 0
     assert kl_on_probe() < 0.9 * before
     assert scheduler.last_epoch == 1
@@ -173,7 +182,7 @@ def test_beta0_update_without_reward_signal_is_skipped_and_leaves_adam_alone(hal
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics, updates = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST)
+    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images, config)
     assert metrics["skipped_update"] == 1 and updates == [] and metrics["frac_zero_std"] == 1.0
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert metrics["lr"] == pytest.approx(1e-2 / 4) and scheduler.get_last_lr()[0] == pytest.approx(2e-2 / 4)
@@ -213,14 +222,14 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(half_form
     sampled, trained = [], []
     real_sample, real_update = vlm.sample_completions, clgrpo.policy_update
     monkeypatch.setattr(vlm, "sample_completions", lambda *a, **k: sampled.append(real_sample(*a, **k)) or sampled[-1])
-    monkeypatch.setattr(clgrpo, "policy_update", lambda model, opt, rollout, adv, *a, **k: trained.append(
-        (rollout, adv.clone())) or real_update(model, opt, rollout, adv, *a, **k))
+    monkeypatch.setattr(clgrpo, "policy_update", lambda policy, batch, *a, **k: trained.append(
+        (batch.rollout, batch.advantages.clone())) or real_update(policy, batch, *a, **k))
     torch.manual_seed(0)
     model, processor = vlm.load_model(half_format_model)
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-4, beta=0.0, mu=1,
                                                                dynamic_sampling=True, max_extra_rounds=5)
     draw, calls = prompt_drawer(toy_data, b)
-    metrics, _ = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST,
+    metrics, _ = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images, config,
                                   draw_prompts=draw)
     # It stops as soon as B groups have signal: 3 extra rounds, not the 5 allowed.
     assert len(calls) == 3 and metrics["gen_rounds"] == 4 and metrics["generations"] == 4 * b * g
@@ -253,15 +262,14 @@ def test_dynamic_sampling_respects_the_cap_and_tops_up_with_zero_std_groups(tiny
                                                                num_generations=g, max_new_tokens=8,
                                                                dynamic_sampling=True, max_extra_rounds=2)
     draw, calls = prompt_drawer(toy_data, b)
-    metrics, updates = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config,
-                                        NO_AUTOCAST, draw_prompts=draw)
+    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images, config, draw_prompts=draw)
     assert len(calls) == 2 and metrics["gen_rounds"] == 3 and metrics["generations"] == 3 * b * g
     assert metrics["useful_groups"] == 1 and metrics["batch_zero_std_groups"] == 1 and metrics["skipped_update"] == 0
     assert [s["label"] for s in metrics["samples"]] == [records[0]["label"], read_emoset_split(toy_data, "train")[0][3]["label"]]
     # No signal anywhere, beta = 0: after the cap the batch is all zero-std groups and the update is skipped.
     scripted_rewards(monkeypatch, g, [set(), set()])
-    metrics, updates = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images,
-                                        {**config, "max_extra_rounds": 1}, NO_AUTOCAST, draw_prompts=draw)
+    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images,
+                                        dataclasses.replace(config, max_extra_rounds=1), draw_prompts=draw)
     assert len(calls) == 3 and metrics["gen_rounds"] == 2 and metrics["skipped_update"] == 1 and updates == []
     assert metrics["useful_groups"] == 0 and metrics["generations_per_useful_group"] is None
 
@@ -270,7 +278,7 @@ def test_dynamic_sampling_off_is_one_round(half_format_model, toy_data, monkeypa
     scripted_rewards(monkeypatch, 4, [set()])
     model, processor = vlm.load_model(half_format_model)
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, beta=0.0)
-    metrics, _ = clgrpo.grpo_step(model, None, processor, optimizer, scheduler, records, images, config, NO_AUTOCAST,
+    metrics, _ = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images, config,
                                   draw_prompts=lambda: pytest.fail("dynamic sampling is off by default"))
     assert metrics["gen_rounds"] == 1 and metrics["generations"] == 16 and metrics["skipped_update"] == 1
 

@@ -151,12 +151,12 @@ def test_clgrpo_stops_on_non_finite_weights(tmp_path, tiny_model_dir, toy_data, 
     out = tmp_path / "run"
     real, calls = clgrpo.grpo_step, []
 
-    def diverging_step(model, *args, **kwargs):   # step 2's update overflows a weight
-        result = real(model, *args, **kwargs)
+    def diverging_step(policy, *args, **kwargs):   # step 2's update overflows a weight
+        result = real(policy, *args, **kwargs)
         calls.append(1)
         if len(calls) == 2:
             with torch.no_grad():
-                next(model.parameters()).view(-1)[0] = float("inf")
+                next(policy.model.parameters()).view(-1)[0] = float("inf")
         return result
     monkeypatch.setattr(clgrpo, "grpo_step", diverging_step)
     with pytest.raises(SystemExit, match="stopped at step 2: non-finite weights .* last good checkpoint"):

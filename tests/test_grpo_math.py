@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from clgrpo import STAGE_PRESETS, clipped_surrogate, group_advantages, grpo_loss, kl_k3, masked_aggregate
+from clgrpo import clipped_surrogate, group_advantages, grpo_loss, kl_k3, masked_aggregate
 
 LN = math.log
 
@@ -174,7 +174,7 @@ def test_an_all_masked_batch_gives_zero_loss_and_zero_stats(aggregation):
     loss, stats = grpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([1.0, -1.0]),
                             torch.zeros(2, 3), aggregation=aggregation)
     assert loss.item() == 0.0
-    assert {k: v.item() for k, v in stats.items()} == {"clip_low_frac": 0.0, "clip_high_frac": 0.0,
+    assert {k: v.item() for k, v in stats.items()} == {"frac_clipped_lower": 0.0, "frac_clipped_upper": 0.0,
                                                         "ratio_mean": 0.0, "kl_mean": 0.0}
 
 
@@ -214,8 +214,8 @@ def test_grpo_loss_by_hand_with_kl():
     # token 0: clipped (A>0, rho>1.2) -> only KL: d obj = -beta*(1 - e^{ln .5}) = -0.05; loss grad +0.05/2
     # token 1: rho=1 -> surrogate grad rho*A = 1; KL: -beta*(1 - 2) = +0.1; d obj = 1.1; loss grad -1.1/2
     assert logp.grad.tolist()[0] == pytest.approx([0.025, -0.55], abs=1e-6)
-    assert stats["clip_high_frac"].item() == pytest.approx(0.5)
-    assert stats["clip_low_frac"].item() == 0.0
+    assert stats["frac_clipped_upper"].item() == pytest.approx(0.5)
+    assert stats["frac_clipped_lower"].item() == 0.0
     assert stats["ratio_mean"].item() == pytest.approx(1.125)
     assert stats["kl_mean"].item() == pytest.approx(0.25, abs=1e-6)
 
@@ -239,7 +239,7 @@ def test_mu1_loss_is_the_plain_policy_gradient(aggregation):
     assert torch.allclose(logp.grad, expected_grad, atol=1e-7)
     assert loss.item() == pytest.approx(-(adv[:, None] * weight).sum().item(), abs=1e-7)
     assert stats["ratio_mean"].item() == 1.0
-    assert stats["clip_low_frac"].item() == stats["clip_high_frac"].item() == 0.0
+    assert stats["frac_clipped_lower"].item() == stats["frac_clipped_upper"].item() == 0.0
 
 
 def test_clip_fractions_count_only_masked_tokens_where_the_bound_binds():
@@ -255,25 +255,17 @@ def test_clip_fractions_count_only_masked_tokens_where_the_bound_binds():
     logp = torch.log(ratio)
     _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.tensor([1.0, -1.0, 0.0]), mask,
                          eps_low=0.3, eps_high=0.1, beta=0.0)
-    assert stats["clip_high_frac"].item() == pytest.approx(3 / 13)
-    assert stats["clip_low_frac"].item() == pytest.approx(2 / 13)
+    assert stats["frac_clipped_upper"].item() == pytest.approx(3 / 13)
+    assert stats["frac_clipped_lower"].item() == pytest.approx(2 / 13)
     assert stats["ratio_mean"].item() == pytest.approx((4.35 + 3.4 + 5.0) / 13)
     _, stats = grpo_loss(logp, torch.zeros_like(logp), None, torch.zeros(3), mask, beta=0.0)
-    assert stats["clip_high_frac"].item() == stats["clip_low_frac"].item() == 0.0
+    assert stats["frac_clipped_upper"].item() == stats["frac_clipped_lower"].item() == 0.0
 
 
 def test_missing_reference_with_nonzero_beta_is_an_error():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="beta"):
         grpo_loss(x, x, None, torch.zeros(1), torch.ones(1, 2), beta=0.04)
-
-
-def test_stage_presets_are_the_documented_values():
-    assert STAGE_PRESETS[2]["rewards"] == {"format": 1.0}
-    assert STAGE_PRESETS[3]["rewards"] == {"format": 1.0, "accuracy": 1.0}
-    assert (STAGE_PRESETS[3]["eps_low"], STAGE_PRESETS[3]["eps_high"]) == (0.2, 0.2)
-    assert STAGE_PRESETS[4]["rewards"] == STAGE_PRESETS[3]["rewards"]
-    assert (STAGE_PRESETS[4]["eps_low"], STAGE_PRESETS[4]["eps_high"]) == (0.2, 0.1)
 
 
 @pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
