@@ -96,14 +96,12 @@ def load_examples(args, processor) -> list[dict]:
     if args.mode == "cot":
         records, _ = read_cot_records(args.cot, args.data, args.max_think_chars,
                                       tuple(processor.tokenizer.all_special_tokens), args.skip_invalid)
-        examples = [{**r, "target": cot_target(r["think"], r["answer"])} for r in records]
+        examples = [{**r, "target": cot_target(r["think"], r["answer"])} for r in records[:args.limit]]
     else:
         records, report = read_emoset_split(args.data, "train", skip_missing=args.skip_missing, limit=args.limit)
         if report["skipped_missing"]:
             print(f"skipped {report['skipped_missing']} train entries with missing images")
         examples = [{**r, "target": label_target(r["label"])} for r in records]
-    if args.limit:
-        examples = examples[:args.limit]
     if not examples:
         raise ValueError("no training examples")
     return examples

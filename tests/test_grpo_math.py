@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from clgrpo import STAGE_PRESETS, clipped_surrogate, group_advantages, grpo_loss, kl_k3, masked_aggregate
+from clgrpo import clipped_surrogate, group_advantages, grpo_loss, kl_k3, masked_aggregate
 
 LN = math.log
 
@@ -266,14 +266,6 @@ def test_missing_reference_with_nonzero_beta_is_an_error():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="beta"):
         grpo_loss(x, x, None, torch.zeros(1), torch.ones(1, 2), beta=0.04)
-
-
-def test_stage_presets_are_the_documented_values():
-    assert STAGE_PRESETS[2]["rewards"] == {"format": 1.0}
-    assert STAGE_PRESETS[3]["rewards"] == {"format": 1.0, "accuracy": 1.0}
-    assert (STAGE_PRESETS[3]["eps_low"], STAGE_PRESETS[3]["eps_high"]) == (0.2, 0.2)
-    assert STAGE_PRESETS[4]["rewards"] == STAGE_PRESETS[3]["rewards"]
-    assert (STAGE_PRESETS[4]["eps_low"], STAGE_PRESETS[4]["eps_high"]) == (0.2, 0.1)
 
 
 @pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
