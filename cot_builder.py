@@ -21,8 +21,9 @@ make the exit code 3 while any remain.
 
     python cot_builder.py export --to trl|verl --cot runs/cot/train.jsonl --data ROOT --out DIR
 
-converts the COT records into the RL dataset of TRL's GRPOTrainer (DIR/train.jsonl) or verl
-(DIR/train.json), for training beyond one GPU (README: "Outgrowing one GPU: TRL and verl").
+converts the COT records (or, with --split, an EmoSet split) into the RL dataset of TRL's
+GRPOTrainer (DIR/train.jsonl) or verl (DIR/train.json), for training beyond one GPU (README:
+"Outgrowing one GPU: TRL and verl").
 """
 
 from __future__ import annotations
@@ -621,20 +622,28 @@ def export_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cot_builder.py export",
                                 description="Convert COT records to the RL dataset of TRL's GRPOTrainer or verl.")
     p.add_argument("--to", required=True, choices=sorted(EXPORT_SUFFIX), help="the library whose dataset layout to write")
-    p.add_argument("--cot", required=True, help="COT records JSONL written by cot_builder.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cot", help="COT records JSONL written by cot_builder.py (the training prompts)")
+    source.add_argument("--split", choices=["train", "val", "test"], help="an EmoSet split instead (e.g. verl's data.val_files)")
     p.add_argument("--data", required=True, help="the EmoSet-layout data root the records' image paths are relative to")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--name", help="output file name without suffix (default: the --cot file's stem)")
+    p.add_argument("--name", help="output file name without suffix (default: the --cot file's stem, or the split)")
     p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid COT records instead of stopping")
+    p.add_argument("--skip-missing", action="store_true", help="with --split: skip (and count) entries whose image is missing")
     args = p.parse_args(argv)
     if problem := output_path_problem(args.out, "dir"):
         p.error(problem)
     try:
-        records, report = read_cot_records(args.cot, args.data, skip_invalid=args.skip_invalid)
+        if args.cot:
+            records, report = read_cot_records(args.cot, args.data, skip_invalid=args.skip_invalid)
+            skipped = f"{report['skipped_invalid']} invalid records skipped"
+        else:
+            records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing)
+            skipped = f"{report['skipped_missing']} entries with missing images skipped"
     except DataError as e:
         raise SystemExit(f"cot_builder.py export: {e}") from e
-    path = export_records(records, args.data, args.to, args.out, args.name or Path(args.cot).stem)
-    print(f"wrote {len(records)} {args.to} rows to {path} ({report['skipped_invalid']} invalid records skipped)")
+    path = export_records(records, args.data, args.to, args.out, args.name or (Path(args.cot).stem if args.cot else args.split))
+    print(f"wrote {len(records)} {args.to} rows to {path} ({skipped})")
     return 0
 
 

@@ -167,3 +167,11 @@ def test_export_refuses_invalid_records_naming_file_and_line_or_skips_and_counts
     with pytest.raises(SystemExit) as e:
         cot_builder.export_main(["--to", "verl", "--cot", str(cot), "--data", str(toy_data), "--out", str(tmp_path / "file")])
     assert e.value.code == 2
+
+
+def test_export_of_an_emoset_split_for_validation(tmp_path, toy_data):
+    cot_builder.export_main(["--to", "verl", "--split", "val", "--data", str(toy_data), "--out", str(tmp_path)])
+    records, _ = read_emoset_split(toy_data, "val")
+    rows = read_rows(tmp_path / "val.json")
+    assert [r["reward_model"]["ground_truth"] for r in rows] == [r["label"] for r in records]
+    assert [r["extra_info"]["id"] for r in rows] == [r["id"] for r in records]
