@@ -18,6 +18,12 @@ JSONL line per kept record, is resumable, and ends with a summary (printed and w
 OUT.summary.json). An image is done only when every teacher's reply was parsed or judged; images
 a teacher could not be reached for are listed in OUT.failures.jsonl, retried by the next run, and
 make the exit code 3 while any remain.
+
+    python cot_builder.py export --to trl|verl --cot runs/cot/train.jsonl --data ROOT --out DIR
+
+converts the COT records (or, with --split, an EmoSet split) into the RL dataset of TRL's
+GRPOTrainer (DIR/train.jsonl) or verl (DIR/train.json), for training beyond one GPU (README:
+"Outgrowing one GPU: TRL and verl").
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data import (EMOTIONS, INSTRUCTION, append_jsonl, atomic_write_json, atomic_write_text, float_in, int_at_least,
-                  load_images, output_path_problem, read_emoset_split, read_jsonl, repair_jsonl_tail)
+                  DataError, load_images, output_path_problem, path_in_root, read_cot_records, read_emoset_split,
+                  read_jsonl, repair_jsonl_tail)
 from rewards import THINK_CLOSE, THINK_OPEN, format_reward, normalize_emotion, parse_answer
 
 BLIND_PROMPT = INSTRUCTION
@@ -519,7 +526,8 @@ def summarise(out: Path, teachers) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Export the output for TRL or verl: python cot_builder.py export --help")
     p.add_argument("--data", required=True, help="EmoSet-layout data root")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to annotate")
     p.add_argument("--teacher", action="append", required=True, help="toy:NAME | hf:PATH | openai:URL#MODEL; repeat (>= 2 for cross-checks)")
@@ -559,5 +567,87 @@ def exit_code(summary: dict) -> int:
     return EXIT_INCOMPLETE if summary["not_done"]["transport"] or summary["not_done"]["not_started"] else 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Export: the COT records as the RL dataset of TRL's GRPOTrainer or of verl. Formats checked
+# against TRL v1.9.0 and verl v0.7.0 (README: "Outgrowing one GPU: TRL and verl"). RL needs only
+# the prompt (the one instruction and the image) and the label the rewards check.
+# ---------------------------------------------------------------------------------------------
+VERL_DATA_SOURCE = "emoset"   # verl's data_source column: names the dataset in its logs and reward calls
+VERL_IMAGE_PLACEHOLDER = "<image>"   # verl puts the row's images where these stand in the prompt
+
+
+def absolute_image_path(record: dict, root) -> str:
+    """The record's image as an absolute path: the exported file is read from another working
+    folder (a launcher's, a worker's), where a path relative to the data root means nothing."""
+    return str(path_in_root(root, record["image"], f"image of {record['id']!r}").resolve())
+
+
+def trl_row(record: dict, root) -> dict:
+    """One row for TRL's GRPOTrainer (a conversational, vision-language dataset):
+    prompt   the user turn, as text: GRPOTrainer inserts the image placeholder before the text
+    image    absolute path; cast the column with datasets.Image() to give the trainer PIL images
+    label    the column trl_accuracy_reward reads (TRL passes every extra column to the rewards)
+    id       the record's id"""
+    return {"prompt": [{"role": "user", "content": INSTRUCTION}], "image": absolute_image_path(record, root),
+            "label": record["label"], "id": record["id"]}
+
+
+def verl_row(record: dict, root, index: int) -> dict:
+    """One row for verl's RL dataset (RLHFDataset): the prompt holds one <image> placeholder
+    (image first, then the instruction, as this project's own prompt), `images` one absolute
+    path per placeholder, and reward_model.ground_truth the label verl_compute_score checks."""
+    return {"data_source": VERL_DATA_SOURCE,
+            "prompt": [{"role": "user", "content": VERL_IMAGE_PLACEHOLDER + INSTRUCTION}],
+            "images": [absolute_image_path(record, root)],
+            "ability": "emotion_recognition",
+            "reward_model": {"style": "rule", "ground_truth": record["label"]},
+            "extra_info": {"index": index, "id": record["id"]}}
+
+
+EXPORT_SUFFIX = {"trl": ".jsonl", "verl": ".json"}   # verl reads *.json (JSON Lines inside) or *.parquet
+
+
+def export_records(records: list[dict], root, to: str, out_dir, name: str) -> Path:
+    """Write the records as TRL or verl rows, one JSON object per line, atomically; return the path.
+    Both libraries load the file with datasets' "json" builder, which reads one object per line."""
+    if to not in EXPORT_SUFFIX:
+        raise ValueError(f"export: --to must be one of {sorted(EXPORT_SUFFIX)}, got {to!r}")
+    rows = [trl_row(r, root) if to == "trl" else verl_row(r, root, i) for i, r in enumerate(records)]
+    path = Path(out_dir) / f"{name}{EXPORT_SUFFIX[to]}"
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+def export_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="cot_builder.py export",
+                                description="Convert COT records to the RL dataset of TRL's GRPOTrainer or verl.")
+    p.add_argument("--to", required=True, choices=sorted(EXPORT_SUFFIX), help="the library whose dataset layout to write")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cot", help="COT records JSONL written by cot_builder.py (the training prompts)")
+    source.add_argument("--split", choices=["train", "val", "test"], help="an EmoSet split instead (e.g. verl's data.val_files)")
+    p.add_argument("--data", required=True, help="the EmoSet-layout data root the records' image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--name", help="output file name without suffix (default: the --cot file's stem, or the split)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid COT records instead of stopping")
+    p.add_argument("--skip-missing", action="store_true", help="with --split: skip (and count) entries whose image is missing")
+    args = p.parse_args(argv)
+    if problem := output_path_problem(args.out, "dir"):
+        p.error(problem)
+    try:
+        if args.cot:
+            records, report = read_cot_records(args.cot, args.data, skip_invalid=args.skip_invalid)
+            skipped = f"{report['skipped_invalid']} invalid records skipped"
+        else:
+            records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing)
+            skipped = f"{report['skipped_missing']} entries with missing images skipped"
+    except DataError as e:
+        raise SystemExit(f"cot_builder.py export: {e}") from e
+    path = export_records(records, args.data, args.to, args.out, args.name or (Path(args.cot).stem if args.cot else args.split))
+    print(f"wrote {len(records)} {args.to} rows to {path} ({skipped})")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["export"]:
+        sys.exit(export_main(sys.argv[2:]))
     sys.exit(exit_code(main()))

@@ -153,3 +153,72 @@ def combined_reward(texts: list[str], labels: list[str], weights: dict[str, floa
     components = {name: [fn(t, y) for t, y in zip(texts, labels)] for name, fn in REWARD_COMPONENTS.items()}
     totals = [sum(weights.get(name, 0.0) * components[name][i] for name in components) for i in range(len(texts))]
     return totals, components
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters for multi-GPU trainers (README: "Outgrowing one GPU: TRL and verl"). Each is a thin
+# wrapper over the rewards above, with the calling convention of one library, so those libraries
+# score completions exactly as this project does. Neither library is imported here.
+# ---------------------------------------------------------------------------------------------
+def completion_text(completion) -> str:
+    """The text of one completion as TRL's GRPOTrainer passes it.
+
+    A standard (plain-text) dataset gives a string. A conversational dataset gives a list of
+    messages, normally one: ``[{"role": "assistant", "content": "..."}]``, where content may also
+    be a list of blocks ``[{"type": "text", "text": "..."}]``. The texts of all messages are joined
+    in order, so the rewards see the whole reply, as they do in this project's own loop."""
+    if isinstance(completion, str):
+        return completion
+    if not isinstance(completion, list):
+        raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
+    parts = []
+    for message in completion:
+        if not isinstance(message, dict):
+            raise TypeError(f"a conversational completion must hold message dicts, got {type(message).__name__}")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(block["text"] for block in content if isinstance(block, dict) and block.get("type") == "text")
+        elif content is not None:   # None: a message with tool calls only
+            raise TypeError(f"message content must be a string or a list of blocks, got {type(content).__name__}")
+    return "".join(parts)
+
+
+def trl_format_reward(completions, **kwargs) -> list[float]:
+    """format_reward of each completion, with TRL's reward-function signature.
+
+    TRL's GRPOTrainer calls ``f(prompts=..., completions=..., completion_ids=..., <every other
+    dataset column>=..., trainer_state=..., ...)``, all by keyword, one list entry per completion
+    (each dataset column repeated for the G completions of its prompt). Only `completions` is used."""
+    return [format_reward(completion_text(c)) for c in completions]
+
+
+def trl_accuracy_reward(completions, label, **kwargs) -> list[float]:
+    """accuracy_reward of each completion against the dataset's `label` column (the column that
+    `cot_builder.py export --to trl` writes), with TRL's reward-function signature."""
+    if len(completions) != len(label):
+        raise ValueError(f"trl_accuracy_reward: {len(completions)} completions but {len(label)} labels")
+    return [accuracy_reward(completion_text(c), y) for c, y in zip(completions, label)]
+
+
+def verl_compute_score(data_source, solution_str, ground_truth, extra_info=None,
+                       format_weight: float = 1.0, accuracy_weight: float = 1.0) -> dict:
+    """One response's reward with verl's custom reward-function signature (stages 3 and 4).
+
+        score = format_weight * format_reward(o) + accuracy_weight * accuracy_reward(o, y)
+
+    verl calls ``compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`` once per
+    response, with the decoded response and ``reward_model["ground_truth"]`` of its row (the label,
+    as `cot_builder.py export --to verl` writes it). Extra keyword arguments come from verl's
+    ``custom_reward_function.reward_kwargs``. A dict result must hold "score"; verl logs its other
+    keys, here each component before weighting."""
+    totals, components = combined_reward([solution_str], [ground_truth],
+                                         {"format": format_weight, "accuracy": accuracy_weight})
+    return {"score": totals[0], **{name: values[0] for name, values in components.items()}}
+
+
+def verl_format_score(data_source, solution_str, ground_truth, extra_info=None) -> dict:
+    """Stage 2's reward (format only) with verl's signature: verl_compute_score with accuracy weight 0.
+    The accuracy component is still computed and logged."""
+    return verl_compute_score(data_source, solution_str, ground_truth, extra_info, accuracy_weight=0.0)

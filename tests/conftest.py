@@ -1,16 +1,59 @@
 """Shared fixtures: a small toy dataset and the tiny VLM, built once per test session, offline."""
 
+import contextlib
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np
 import pytest
 import torch
 
 import toy
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+SESSION_THREADS = max(1, min(2, os.cpu_count() or 1))   # the 2-core CI machine's budget
+
+
+@contextlib.contextmanager
+def preserved_global_state():
+    """Restore, on exit, the process-wide state that tests and the entry points they call change:
+    torch's thread count and the random generators of torch (CPU), Python and NumPy (sft.main and
+    clgrpo.main seed all three). Without it a test's outcome could depend on the tests before it."""
+    threads, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_threads():
+    """Every test starts with SESSION_THREADS torch threads; the caller's count comes back at the end."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(SESSION_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def isolated_global_state():
+    with preserved_global_state():
+        yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test (bit-exact comparisons with runs in OMP_NUM_THREADS=1
+    subprocesses, or between two runs in this process); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -298,8 +298,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, half_form
     assert all(torch.equal(good[k], v) for k, v in params_of(out).items())
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, half_format_model, toy_data):
-    torch.set_num_threads(1)
+def test_resume_matches_an_uninterrupted_run(tmp_path, half_format_model, toy_data, one_thread):
     common = ["--steps", "4", "--lr", "1e-3", "--mu", "2"]
     full, full_metrics = run(tmp_path, half_format_model, toy_data, *common, name="full")
     run(tmp_path, half_format_model, toy_data, *common, "--stop-after", "2", name="split")
@@ -311,9 +310,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, half_format_model, toy_da
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_resume_with_dynamic_sampling_matches_an_uninterrupted_run(tmp_path, half_format_model, toy_data):
+def test_resume_with_dynamic_sampling_matches_an_uninterrupted_run(tmp_path, half_format_model, toy_data, one_thread):
     """Extra generation rounds draw prompts from the same sampler, whose state the checkpoint keeps."""
-    torch.set_num_threads(1)
     common = ["--steps", "4", "--lr", "1e-3", "--mu", "1", "--batch-size", "2", "--num-generations", "4",
               "--max-new-tokens", "24", "--dynamic-sampling", "--max-extra-rounds", "2"]
     full, full_metrics = run(tmp_path, half_format_model, toy_data, *common, name="full")

@@ -257,7 +257,8 @@ def test_cot_builder_killed_at_random_points_loses_and_duplicates_nothing(tmp_pa
     assert sorted(progress) == sorted(r["id"] for r in read_emoset_split(toy_data, "train")[0])
 
 
-def test_sft_killed_at_random_points_resumes_to_the_same_weights_and_log(tmp_path, tiny_model_dir, toy_data):
+def test_sft_killed_at_random_points_resumes_to_the_same_weights_and_log(tmp_path, tiny_model_dir, toy_data,
+                                                                        one_thread):  # as OMP_NUM_THREADS=1 below
     rng = random.Random(7)
 
     def cmd(out, resume=False):
@@ -265,7 +266,6 @@ def test_sft_killed_at_random_points_resumes_to_the_same_weights_and_log(tmp_pat
                 "--out", str(out), "--steps", "8", "--batch-size", "4", "--warmup", "2", "--save-every", "1",
                 "--eval-every", "0"] + (["--resume"] if resume else [])
 
-    torch.set_num_threads(1)                       # as OMP_NUM_THREADS=1 in the subprocesses: same kernels, same bits
     sft.main(cmd(tmp_path / "ref")[2:])            # the uninterrupted reference, in this process (saves a start-up)
     out = tmp_path / "killed"
     has_state = lambda: any((out / d / "trainer_state.pt").is_file() for d in ("checkpoint", ".checkpoint.old"))  # noqa: E731

@@ -71,6 +71,17 @@ def test_warmup_cosine_schedule():
 # ---------------------------------------------------------------------------------------------
 # Learning and resuming
 # ---------------------------------------------------------------------------------------------
+def test_limit_takes_the_first_n_examples_in_both_modes(tiny, toy_data, tmp_path):
+    records, _ = read_emoset_split(toy_data, "train")
+    cot = tmp_path / "cot.jsonl"
+    cot.write_text("".join(json.dumps({**r, "think": "dark", "answer": r["label"]}) + "\n" for r in records))
+    for mode in ("cot", "label"):
+        args = sft.parse_args(["--mode", mode, "--cot", str(cot), "--model", "m", "--data", str(toy_data),
+                               "--out", str(tmp_path / mode), "--limit", "5"])
+        examples = sft.load_examples(args, tiny[1])
+        assert [e["id"] for e in examples] == [r["id"] for r in records[:5]], mode
+
+
 def test_label_sft_learns_the_easy_toy(tmp_path, tiny_model_dir):
     data = tmp_path / "easy"
     toy.write_toy_dataset(data, "easy", seed=1, sizes={"train": 256, "val": 16, "test": 48})
@@ -87,8 +98,7 @@ def test_label_sft_learns_the_easy_toy(tmp_path, tiny_model_dir):
     assert [r["step"] for r in lines] == list(range(1, 61)) and lines[-1]["loss"] < lines[0]["loss"]
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, toy_data):
-    torch.set_num_threads(1)
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, toy_data, one_thread):
     cot = tmp_path / "cot.jsonl"
     records, _ = read_emoset_split(toy_data, "train")
     with open(cot, "w") as f:
