@@ -81,6 +81,9 @@ def worker(args) -> dict:
     model, processor = vlm.load_model(args.model, device=args.device)
     images = [Image.new("RGB", (args.image_size, args.image_size), (40 * i % 255, 90, 200)) for i in range(args.batch)]
     step = shared_step if args.mode == "shared" else repeated_step
+    from vision_checks import vision_rows  # rows (images, tiles or patches) the vision tower is given
+    rows = vision_rows(model, lambda: step(model, processor, images, args.group, args.tokens, args.micro_batch))
+    model.zero_grad(set_to_none=True)
     times = []
     for i in range(args.repeats + 1):
         if args.device == "cuda":
@@ -96,7 +99,7 @@ def worker(args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     image_tokens = int((vlm.encode_prompts(processor, images[:1])["input_ids"] == model.config.image_token_id).sum())
     return {"mode": args.mode, "step_s": round(statistics.median(times), 4), "peak_mib": round(peak / 2**20, 1),
-            "image_tokens": image_tokens}
+            "image_tokens": image_tokens, "vision_rows": rows}
 
 
 def main() -> None:
@@ -129,7 +132,8 @@ def main() -> None:
     print(f"{args.family}: B={args.batch} G={args.group} {args.image_size}px images "
           f"({rows[0]['image_tokens']} image tokens), {args.tokens} new tokens, micro-batch {args.micro_batch}")
     for r in rows:
-        print(f"  {r['mode']:>8}: {r['step_s']:.3f} s/step, peak {r['peak_mib']:.0f} MiB")
+        print(f"  {r['mode']:>8}: {r['step_s']:.3f} s/step, peak {r['peak_mib']:.0f} MiB, "
+              f"vision tower input rows per step {r['vision_rows']}")
     print(f"  speed-up {rows[0]['step_s'] / rows[1]['step_s']:.2f}x")
 
 

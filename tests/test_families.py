@@ -161,3 +161,22 @@ def test_every_command_line_runs_two_steps(family, toy_data, tmp_path):
                      "--out", str(tmp_path / "eval")])
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["n"] == 4 and all(math.isfinite(v["accuracy"]) for v in results["results"].values())
+
+
+def test_templates_that_think_for_the_model_are_refused_at_load(tiny_family_dir, tmp_path):
+    """A generation prompt that opens <think> (thinking variants), or an assistant turn that drops
+    the reasoning, would corrupt SFT targets and the format reward: load_model refuses both."""
+    import shutil
+
+    source = tiny_family_dir("qwen2_vl")
+    template = (source / "chat_template.jinja").read_text()
+    thinking = template.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+    stripping = template.replace("{{ content['text'] }}", "{{ content['text'].split('</think>')[-1] }}")
+    assert thinking != template and stripping != template
+    for name, text, reason in (("thinking", thinking, "opens <think>"), ("stripping", stripping, "rewrites")):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        (folder / "chat_template.jinja").write_text(text)
+        with pytest.raises(ValueError, match=reason) as err:
+            vlm.load_model(folder)
+        assert str(folder) in str(err.value)
