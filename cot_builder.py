@@ -380,7 +380,7 @@ def cross_check(teachers, candidates: list[list[dict]], labels, failures: Counte
             c["votes"] = c.get("votes", 0) + int(answer == labels[i])
 
 
-def rationalize(teachers, items, labels, candidates, failures: Counter, lost: dict | None = None) -> None:
+def rationalize_unsolved(teachers, items, labels, candidates, failures: Counter, lost: dict | None = None) -> None:
     """Step 3. For images without a candidate, ask teachers for reasoning given the label."""
     lost = {} if lost is None else lost
     todo = [i for i, cands in enumerate(candidates) if not cands and i not in lost]
@@ -464,7 +464,7 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
         lost = {}
         candidates, outcomes = blind_pass(teachers, items, labels, lost)
         if rationalize:
-            rationalize(teachers, items, labels, candidates, failures, lost)
+            rationalize_unsolved(teachers, items, labels, candidates, failures, lost)
         cross_check(teachers, candidates, labels, failures, lost)
         for i, r in enumerate(batch):
             if i in lost:
