@@ -45,13 +45,14 @@ import urllib.parse
 from datetime import datetime, timezone
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data import (EMOTIONS, INSTRUCTION, append_jsonl, atomic_write_json, atomic_write_text, float_in, int_at_least,
-                  DataError, load_images, output_path_problem, path_in_root, read_cot_records, read_emoset_split,
-                  read_jsonl, repair_jsonl_tail)
+from data import (EMOTIONS, INSTRUCTION, DataError, add_config_flags, append_jsonl, arg, atomic_write_json,
+                  atomic_write_text, config_from_args, float_in, int_at_least, load_images, output_path_problem,
+                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail)
 from rewards import THINK_CLOSE, THINK_OPEN, format_reward, normalize_emotion, parse_answer
 
 BLIND_PROMPT = INSTRUCTION
@@ -525,38 +526,55 @@ def summarise(out: Path, teachers) -> dict:
             "dropped": totals["dropped"], "per_class": {k: dict(v) for k, v in per_class.items()}, "teachers": teachers_summary}
 
 
-def main(argv=None) -> dict:
+SPLITS = ["train", "val", "test"]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every setting of a COT build (`python cot_builder.py ...`)."""
+    data: str = arg(help="EmoSet-layout data root")
+    teacher: list[str] = arg(help="toy:NAME | hf:PATH | openai:URL#MODEL; repeat (>= 2 for cross-checks)",
+                             action="append")
+    out: str = arg(help="output JSONL of COT records (appended; resumable)")
+    split: str = arg("train", "split to annotate", choices=SPLITS)
+    rationalize: bool = arg(False, "ask teachers for label-conditioned reasoning where none got it right")
+    min_votes: int = arg(0, "keep only candidates with at least this many cross-check votes", type=int_at_least(0))
+    limit: int | None = arg(None, "only the first N records of the split", type=int_at_least(1))
+    workers: int = arg(8, "concurrent requests per HTTP teacher", type=int_at_least(1))
+    chunk: int = arg(32, "images per processing chunk", type=int_at_least(1))
+    skip_missing: bool = arg(False, "skip (and count) entries whose image is missing")
+    # HTTP teachers
+    timeout: float = arg(120.0, "seconds per HTTP request, whole reply included", type=float_in(0, lo_open=True))
+    retries: int = arg(4, "retries of a failed HTTP request (backoff 1, 2, 4... s)", type=int_at_least(0))
+    retry_after_cap: float = arg(60.0, "longest wait honoured from a Retry-After header, seconds", type=float_in(0))
+    max_reply_bytes: int = arg(2 ** 20, "larger HTTP replies count as malformed", type=int_at_least(1))
+
+
+def parse_build_args(argv=None) -> tuple[BuildConfig, list]:
+    """The build's config and its teachers (a bad teacher spec is a usage error)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Export the output for TRL or verl: python cot_builder.py export --help")
-    p.add_argument("--data", required=True, help="EmoSet-layout data root")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to annotate")
-    p.add_argument("--teacher", action="append", required=True, help="toy:NAME | hf:PATH | openai:URL#MODEL; repeat (>= 2 for cross-checks)")
-    p.add_argument("--out", required=True, help="output JSONL of COT records (appended; resumable)")
-    p.add_argument("--rationalize", action="store_true", help="ask teachers for label-conditioned reasoning where none got it right")
-    p.add_argument("--min-votes", type=int_at_least(0), default=0, help="keep only candidates with at least this many cross-check votes")
-    p.add_argument("--limit", type=int_at_least(1), help="only the first N records of the split")
-    p.add_argument("--workers", type=int_at_least(1), default=8, help="concurrent requests per HTTP teacher")
-    p.add_argument("--chunk", type=int_at_least(1), default=32, help="images per processing chunk")
-    p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
-    p.add_argument("--timeout", type=float_in(0, lo_open=True), default=120.0, help="seconds per HTTP request, whole reply included")
-    p.add_argument("--retries", type=int_at_least(0), default=4, help="retries of a failed HTTP request (backoff 1, 2, 4... s)")
-    p.add_argument("--retry-after-cap", type=float_in(0), default=60.0, help="longest wait honoured from a Retry-After header, seconds")
-    p.add_argument("--max-reply-bytes", type=int_at_least(1), default=2 ** 20, help="larger HTTP replies count as malformed")
-    args = p.parse_args(argv)
-    if problem := output_path_problem(args.out, "file"):
+    add_config_flags(p, BuildConfig)
+    cfg = config_from_args(BuildConfig, p.parse_args(argv))
+    if problem := output_path_problem(cfg.out, "file"):
         p.error(problem)
-    http_options = dict(timeout=args.timeout, retries=args.retries, retry_after_cap=args.retry_after_cap,
-                        max_reply_bytes=args.max_reply_bytes)
+    http_options = dict(timeout=cfg.timeout, retries=cfg.retries, retry_after_cap=cfg.retry_after_cap,
+                        max_reply_bytes=cfg.max_reply_bytes)
     try:
-        teachers = [make_teacher(spec, args.workers, **http_options) for spec in args.teacher]
+        teachers = [make_teacher(spec, cfg.workers, **http_options) for spec in cfg.teacher]
     except ValueError as e:
         p.error(str(e))
     if len({t.name for t in teachers}) != len(teachers):
         p.error("teacher names must be distinct")
-    records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing, limit=args.limit)
+    return cfg, teachers
+
+
+def main(argv=None) -> dict:
+    cfg, teachers = parse_build_args(argv)
+    records, report = read_emoset_split(cfg.data, cfg.split, skip_missing=cfg.skip_missing, limit=cfg.limit)
     if report["skipped_missing"]:
         print(f"skipped {report['skipped_missing']} entries with missing images")
-    summary = build(records, args.data, teachers, Path(args.out), args.rationalize, args.min_votes, args.chunk)
+    summary = build(records, cfg.data, teachers, Path(cfg.out), cfg.rationalize, cfg.min_votes, cfg.chunk)
     print(json.dumps(summary, indent=2))
     return summary
 
@@ -618,32 +636,46 @@ def export_records(records: list[dict], root, to: str, out_dir, name: str) -> Pa
     return path
 
 
-def export_main(argv=None) -> int:
+@dataclass(frozen=True)
+class ExportConfig:
+    """Every setting of `python cot_builder.py export`: the records come from --cot or from --split."""
+    to: str = arg(help="the library whose dataset layout to write", choices=sorted(EXPORT_SUFFIX))
+    data: str = arg(help="the EmoSet-layout data root the records' image paths are relative to")
+    out: str = arg(help="output folder")
+    cot: str | None = arg(None, "COT records JSONL written by cot_builder.py (the training prompts)")
+    split: str | None = arg(None, "an EmoSet split instead of --cot (e.g. verl's data.val_files)", choices=SPLITS)
+    name: str | None = arg(None, "output file name without suffix (default: the --cot file's stem, or the split)")
+    skip_invalid: bool = arg(False, "skip (and count) invalid COT records instead of stopping")
+    skip_missing: bool = arg(False, "with --split: skip (and count) entries whose image is missing")
+
+
+def parse_export_args(argv=None) -> ExportConfig:
     p = argparse.ArgumentParser(prog="cot_builder.py export",
                                 description="Convert COT records to the RL dataset of TRL's GRPOTrainer or verl.")
-    p.add_argument("--to", required=True, choices=sorted(EXPORT_SUFFIX), help="the library whose dataset layout to write")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cot", help="COT records JSONL written by cot_builder.py (the training prompts)")
-    source.add_argument("--split", choices=["train", "val", "test"], help="an EmoSet split instead (e.g. verl's data.val_files)")
-    p.add_argument("--data", required=True, help="the EmoSet-layout data root the records' image paths are relative to")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--name", help="output file name without suffix (default: the --cot file's stem, or the split)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid COT records instead of stopping")
-    p.add_argument("--skip-missing", action="store_true", help="with --split: skip (and count) entries whose image is missing")
-    args = p.parse_args(argv)
-    if problem := output_path_problem(args.out, "dir"):
+    add_config_flags(p, ExportConfig)
+    cfg = config_from_args(ExportConfig, p.parse_args(argv))
+    if cfg.cot is None and cfg.split is None:   # argparse's own words for a required exclusive group
+        p.error("one of the arguments --cot --split is required")
+    if cfg.cot is not None and cfg.split is not None:
+        p.error("argument --split: not allowed with argument --cot")
+    if problem := output_path_problem(cfg.out, "dir"):
         p.error(problem)
+    return cfg
+
+
+def export_main(argv=None) -> int:
+    cfg = parse_export_args(argv)
     try:
-        if args.cot:
-            records, report = read_cot_records(args.cot, args.data, skip_invalid=args.skip_invalid)
+        if cfg.cot:
+            records, report = read_cot_records(cfg.cot, cfg.data, skip_invalid=cfg.skip_invalid)
             skipped = f"{report['skipped_invalid']} invalid records skipped"
         else:
-            records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing)
+            records, report = read_emoset_split(cfg.data, cfg.split, skip_missing=cfg.skip_missing)
             skipped = f"{report['skipped_missing']} entries with missing images skipped"
     except DataError as e:
         raise SystemExit(f"cot_builder.py export: {e}") from e
-    path = export_records(records, args.data, args.to, args.out, args.name or (Path(args.cot).stem if args.cot else args.split))
-    print(f"wrote {len(records)} {args.to} rows to {path} ({skipped})")
+    path = export_records(records, cfg.data, cfg.to, cfg.out, cfg.name or (Path(cfg.cot).stem if cfg.cot else cfg.split))
+    print(f"wrote {len(records)} {cfg.to} rows to {path} ({skipped})")
     return 0
 
 
