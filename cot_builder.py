@@ -118,7 +118,8 @@ class OpenAITeacher:
                  backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.2,
                  api_key_env: str = "OPENAI_API_KEY", max_reply_bytes: int = 2 ** 20, retry_after_cap: float = 60.0):
         url = url.rstrip("/")
-        self.endpoint = url if url.endswith("/chat/completions") else (url if url.endswith("/v1") else url + "/v1") + "/chat/completions"
+        base = url if url.endswith("/v1") else url + "/v1"
+        self.endpoint = url if url.endswith("/chat/completions") else base + "/chat/completions"
         parts = urllib.parse.urlsplit(self.endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"teacher URL {url!r}: only http:// and https:// URLs with a host are accepted")
@@ -206,7 +207,7 @@ class OpenAITeacher:
             wait = self.backoff * 2 ** attempt
             try:
                 status, reply_headers, raw = self._post(body, headers)
-            except (OSError, http.client.HTTPException) as e:   # refused, reset, timeout, IncompleteRead, BadStatusLine...
+            except (OSError, http.client.HTTPException) as e:   # refused, reset, timeout, IncompleteRead...
                 last = f"{type(e).__name__}: {e}"
                 self._report_once(type(e).__name__, f"{last} from {self.endpoint} (retried up to {self.retries} times)")
             else:
@@ -215,9 +216,11 @@ class OpenAITeacher:
                 detail = raw[:500].decode("utf-8", "replace")
                 if status != 429 and status < 500:
                     self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (not retried): {detail}")
-                    raise TransportError(f"{self.name}: HTTP {status} from {self.endpoint} (not retried): {detail[:200]}")
+                    raise TransportError(f"{self.name}: HTTP {status} from {self.endpoint} (not retried): "
+                                         f"{detail[:200]}")
                 last = f"HTTP {status}: {detail[:200]}"
-                self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (retried up to {self.retries} times): {detail}")
+                self._report_once(f"HTTP {status}",
+                                  f"HTTP {status} from {self.endpoint} (retried up to {self.retries} times): {detail}")
                 hint = retry_after_seconds(reply_headers.get("Retry-After"))
                 if hint is not None:
                     wait = min(hint, self.retry_after_cap)
@@ -272,7 +275,8 @@ def is_valid_text(text: str) -> bool:
 class HFTeacher:
     """A local transformers VLM (loaded with vlm.py), greedy, batched."""
 
-    def __init__(self, path: str, device: str = "auto", dtype: str | None = None, batch_size: int = 8, max_new_tokens: int = 384):
+    def __init__(self, path: str, device: str = "auto", dtype: str | None = None, batch_size: int = 8,
+                 max_new_tokens: int = 384):
         import vlm
 
         self.name = f"hf:{Path(path).name}"
@@ -292,12 +296,14 @@ class HFTeacher:
                 replies += vlm.sample_completions(self.model, self.processor, images[s:s + self.batch_size], 1,
                                                   self.max_new_tokens, do_sample=False, prompt=texts).texts
             else:  # text only: no image in the chat
-                texts = [self.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
-                                                            add_generation_prompt=True, tokenize=False) for p in chunk_prompts]
+                chats = [[{"role": "user", "content": [{"type": "text", "text": p}]}] for p in chunk_prompts]
+                texts = [self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+                         for chat in chats]
                 enc = self.processor.tokenizer(texts, return_tensors="pt", padding=True).to(self.model.device)
                 out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                           eos_token_id=vlm.eos_token_ids(self.model, self.processor))
-                replies += self.processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                new_tokens = out[:, enc["input_ids"].shape[1]:]
+                replies += self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return replies
 
     def blind(self, items):
@@ -367,7 +373,8 @@ def cross_check(teachers, candidates: list[list[dict]], labels, failures: Counte
     An unparseable answer is a voter without a vote (counted in `failures`)."""
     lost = {} if lost is None else lost
     for checker in teachers:
-        jobs = [(i, c) for i, cands in enumerate(candidates) if i not in lost for c in cands if c["teacher"] != checker.name]
+        jobs = [(i, c) for i, cands in enumerate(candidates) if i not in lost
+                for c in cands if c["teacher"] != checker.name]
         replies = checker.from_reasoning([(f"{i}:{c['teacher']}", c["think"]) for i, c in jobs])
         for (i, c), reply in zip(jobs, replies):
             if isinstance(reply, TransportError):
@@ -433,7 +440,7 @@ def drop_unconfirmed_records(out: Path, done: set) -> int:
     return len(records) - len(keep)
 
 
-def build(records: list[dict], root, teachers, out: Path, rationalize=False, min_votes=0, chunk=32) -> dict:
+def build(records: list[dict], root, teachers, out: Path, with_rationalize=False, min_votes=0, chunk=32) -> dict:
     """Process records not yet done, appending kept COT records to `out` and one status line per
     DONE image to OUT.progress.jsonl (kept / hinted / dropped, each teacher's blind outcome).
 
@@ -464,7 +471,7 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
         labels = [r["label"] for r in batch]
         lost = {}
         candidates, outcomes = blind_pass(teachers, items, labels, lost)
-        if rationalize:
+        if with_rationalize:   # a parameter named `rationalize` would hide the function
             rationalize(teachers, items, labels, candidates, failures, lost)
         cross_check(teachers, candidates, labels, failures, lost)
         for i, r in enumerate(batch):
@@ -477,7 +484,8 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
                 append_jsonl(out, {"id": r["id"], "image": r["image"], "label": r["label"], "think": best["think"],
                                    "answer": r["label"], "teacher": best["teacher"], "votes": best.get("votes", 0),
                                    "voters": best.get("voters", 0), "mode": best["mode"]})
-            append_jsonl(prog, {"id": r["id"], "label": r["label"], "status": "dropped" if best is None else best["mode"],
+            append_jsonl(prog, {"id": r["id"], "label": r["label"],
+                                "status": "dropped" if best is None else best["mode"],
                                 "blind": {name: o[i] for name, o in outcomes.items()}})
         bar.update(len(wanted))
         dead_chunks = dead_chunks + 1 if batch and len(lost) == len(batch) else 0
@@ -498,7 +506,8 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
     atomic_write_json(out.with_name(out.name + ".summary.json"), summary)
     if not_done["transport"] or not_done["unreadable"]:
         print(f"{not_done['transport']} images could not be finished (teacher unreachable) and "
-              f"{not_done['unreadable']} images are unreadable: listed in {fails}; a rerun retries them", file=sys.stderr)
+              f"{not_done['unreadable']} images are unreadable: listed in {fails}; a rerun retries them",
+              file=sys.stderr)
     return summary
 
 
@@ -515,7 +524,8 @@ def summarise(out: Path, teachers) -> dict:
         answered = c["correct"] + c["wrong"]
         teachers_summary[name] = {"blind_accuracy": round(c["correct"] / answered, 4) if answered else None,
                                   "correct": c["correct"], "wrong": c["wrong"],
-                                  "failures": c["malformed"] + c["error"], "malformed": c["malformed"], "errors": c["error"]}
+                                  "failures": c["malformed"] + c["error"], "malformed": c["malformed"],
+                                  "errors": c["error"]}
         calls = getattr(next((t for t in teachers if t.name == name), None), "calls", None)
         if calls:
             teachers_summary[name]["http"] = dict(calls)
@@ -523,7 +533,8 @@ def summarise(out: Path, teachers) -> dict:
     for c in per_class.values():
         totals.update(c)
     return {"output": str(out), "images": sum(totals.values()), "kept": totals["blind"], "hinted": totals["hinted"],
-            "dropped": totals["dropped"], "per_class": {k: dict(v) for k, v in per_class.items()}, "teachers": teachers_summary}
+            "dropped": totals["dropped"], "per_class": {k: dict(v) for k, v in per_class.items()},
+            "teachers": teachers_summary}
 
 
 SPLITS = ["train", "val", "test"]
@@ -674,7 +685,8 @@ def export_main(argv=None) -> int:
             skipped = f"{report['skipped_missing']} entries with missing images skipped"
     except DataError as e:
         raise SystemExit(f"cot_builder.py export: {e}") from e
-    path = export_records(records, cfg.data, cfg.to, cfg.out, cfg.name or (Path(cfg.cot).stem if cfg.cot else cfg.split))
+    name = cfg.name or (Path(cfg.cot).stem if cfg.cot else cfg.split)
+    path = export_records(records, cfg.data, cfg.to, cfg.out, name)
     print(f"wrote {len(records)} {cfg.to} rows to {path} ({skipped})")
     return 0
 
