@@ -57,7 +57,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         raise ValueError(f"group_advantages: rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     n = rewards.shape[0]
     if group_size < 2:
-        raise ValueError(f"group_advantages: group_size must be >= 2 (a group of one has no baseline), got {group_size}")
+        raise ValueError(f"group_advantages: group_size must be >= 2 (a group of one has no baseline), "
+                         f"got {group_size}")
     if n % group_size != 0:
         raise ValueError(f"group_advantages: {n} rewards do not split into groups of {group_size}")
     if scale not in ("group", "none"):
@@ -169,7 +170,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
             "frac_clipped_lower": low.sum() / n_tokens,
             "frac_clipped_upper": high.sum() / n_tokens,
             "ratio_mean": torch.where(m, ratio, 0.0).sum() / n_tokens,
-            "kl_mean": torch.where(m, kl, 0.0).sum() / n_tokens if kl is not None else torch.zeros((), device=logp.device),
+            "kl_mean": (torch.where(m, kl, 0.0).sum() / n_tokens if kl is not None
+                        else torch.zeros((), device=logp.device)),
         }
     return loss, stats
 
@@ -357,7 +359,8 @@ def sample_and_score(policy: Policy, records, images, cfg: GRPOConfig, timer: Ti
     rounds = [generate_round(policy, records, images, cfg, timer)]
     if cfg.dynamic_sampling:
         if draw_prompts is None:
-            raise ValueError("dynamic sampling needs draw_prompts, a function that returns (records, images) of new prompts")
+            raise ValueError("dynamic sampling needs draw_prompts, a function that returns (records, images) "
+                             "of new prompts")
         while sum(int((~r.zero_std).sum()) for r in rounds) < len(records) and len(rounds) <= cfg.max_extra_rounds:
             rounds.append(generate_round(policy, *draw_prompts(), cfg, timer))
     return rounds
@@ -367,7 +370,8 @@ def generate_round(policy: Policy, records, images, cfg: GRPOConfig, timer: Time
     """Sample G completions per prompt in ONE batched generate call (this is pi_old), then score them."""
     with timer.phase("sample"):
         rollout = vlm.sample_completions(policy.model, policy.processor, images, group_size=cfg.num_generations,
-                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         top_p=cfg.top_p)
     with timer.phase("score"):
         labels = [r["label"] for r in records for _ in range(cfg.num_generations)]
         totals, components = combined_reward(rollout.texts, labels, cfg.rewards)

@@ -45,13 +45,14 @@ import urllib.parse
 from datetime import datetime, timezone
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from data import (EMOTIONS, INSTRUCTION, append_jsonl, atomic_write_json, atomic_write_text, float_in, int_at_least,
-                  DataError, load_images, output_path_problem, path_in_root, read_cot_records, read_emoset_split,
-                  read_jsonl, repair_jsonl_tail)
+from data import (EMOTIONS, INSTRUCTION, DataError, add_config_flags, append_jsonl, arg, atomic_write_json,
+                  atomic_write_text, config_from_args, float_in, int_at_least, load_images, output_path_problem,
+                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail)
 from rewards import THINK_CLOSE, THINK_OPEN, format_reward, normalize_emotion, parse_answer
 
 BLIND_PROMPT = INSTRUCTION
@@ -117,7 +118,8 @@ class OpenAITeacher:
                  backoff: float = 1.0, max_tokens: int = 512, temperature: float = 0.2,
                  api_key_env: str = "OPENAI_API_KEY", max_reply_bytes: int = 2 ** 20, retry_after_cap: float = 60.0):
         url = url.rstrip("/")
-        self.endpoint = url if url.endswith("/chat/completions") else (url if url.endswith("/v1") else url + "/v1") + "/chat/completions"
+        base = url if url.endswith("/v1") else url + "/v1"
+        self.endpoint = url if url.endswith("/chat/completions") else base + "/chat/completions"
         parts = urllib.parse.urlsplit(self.endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"teacher URL {url!r}: only http:// and https:// URLs with a host are accepted")
@@ -205,7 +207,7 @@ class OpenAITeacher:
             wait = self.backoff * 2 ** attempt
             try:
                 status, reply_headers, raw = self._post(body, headers)
-            except (OSError, http.client.HTTPException) as e:   # refused, reset, timeout, IncompleteRead, BadStatusLine...
+            except (OSError, http.client.HTTPException) as e:   # refused, reset, timeout, IncompleteRead...
                 last = f"{type(e).__name__}: {e}"
                 self._report_once(type(e).__name__, f"{last} from {self.endpoint} (retried up to {self.retries} times)")
             else:
@@ -214,9 +216,11 @@ class OpenAITeacher:
                 detail = raw[:500].decode("utf-8", "replace")
                 if status != 429 and status < 500:
                     self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (not retried): {detail}")
-                    raise TransportError(f"{self.name}: HTTP {status} from {self.endpoint} (not retried): {detail[:200]}")
+                    raise TransportError(f"{self.name}: HTTP {status} from {self.endpoint} (not retried): "
+                                         f"{detail[:200]}")
                 last = f"HTTP {status}: {detail[:200]}"
-                self._report_once(f"HTTP {status}", f"HTTP {status} from {self.endpoint} (retried up to {self.retries} times): {detail}")
+                self._report_once(f"HTTP {status}",
+                                  f"HTTP {status} from {self.endpoint} (retried up to {self.retries} times): {detail}")
                 hint = retry_after_seconds(reply_headers.get("Retry-After"))
                 if hint is not None:
                     wait = min(hint, self.retry_after_cap)
@@ -271,7 +275,8 @@ def is_valid_text(text: str) -> bool:
 class HFTeacher:
     """A local transformers VLM (loaded with vlm.py), greedy, batched."""
 
-    def __init__(self, path: str, device: str = "auto", dtype: str | None = None, batch_size: int = 8, max_new_tokens: int = 384):
+    def __init__(self, path: str, device: str = "auto", dtype: str | None = None, batch_size: int = 8,
+                 max_new_tokens: int = 384):
         import vlm
 
         self.name = f"hf:{Path(path).name}"
@@ -291,12 +296,14 @@ class HFTeacher:
                 replies += vlm.sample_completions(self.model, self.processor, images[s:s + self.batch_size], 1,
                                                   self.max_new_tokens, do_sample=False, prompt=texts).texts
             else:  # text only: no image in the chat
-                texts = [self.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
-                                                            add_generation_prompt=True, tokenize=False) for p in chunk_prompts]
+                chats = [[{"role": "user", "content": [{"type": "text", "text": p}]}] for p in chunk_prompts]
+                texts = [self.processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+                         for chat in chats]
                 enc = self.processor.tokenizer(texts, return_tensors="pt", padding=True).to(self.model.device)
                 out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                           eos_token_id=vlm.eos_token_ids(self.model, self.processor))
-                replies += self.processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                new_tokens = out[:, enc["input_ids"].shape[1]:]
+                replies += self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return replies
 
     def blind(self, items):
@@ -366,7 +373,8 @@ def cross_check(teachers, candidates: list[list[dict]], labels, failures: Counte
     An unparseable answer is a voter without a vote (counted in `failures`)."""
     lost = {} if lost is None else lost
     for checker in teachers:
-        jobs = [(i, c) for i, cands in enumerate(candidates) if i not in lost for c in cands if c["teacher"] != checker.name]
+        jobs = [(i, c) for i, cands in enumerate(candidates) if i not in lost
+                for c in cands if c["teacher"] != checker.name]
         replies = checker.from_reasoning([(f"{i}:{c['teacher']}", c["think"]) for i, c in jobs])
         for (i, c), reply in zip(jobs, replies):
             if isinstance(reply, TransportError):
@@ -380,7 +388,7 @@ def cross_check(teachers, candidates: list[list[dict]], labels, failures: Counte
             c["votes"] = c.get("votes", 0) + int(answer == labels[i])
 
 
-def rationalize_unsolved(teachers, items, labels, candidates, failures: Counter, lost: dict | None = None) -> None:
+def rationalize(teachers, items, labels, candidates, failures: Counter, lost: dict | None = None) -> None:
     """Step 3. For images without a candidate, ask teachers for reasoning given the label."""
     lost = {} if lost is None else lost
     todo = [i for i, cands in enumerate(candidates) if not cands and i not in lost]
@@ -432,7 +440,7 @@ def drop_unconfirmed_records(out: Path, done: set) -> int:
     return len(records) - len(keep)
 
 
-def build(records: list[dict], root, teachers, out: Path, rationalize=False, min_votes=0, chunk=32) -> dict:
+def build(records: list[dict], root, teachers, out: Path, with_rationalize=False, min_votes=0, chunk=32) -> dict:
     """Process records not yet done, appending kept COT records to `out` and one status line per
     DONE image to OUT.progress.jsonl (kept / hinted / dropped, each teacher's blind outcome).
 
@@ -463,8 +471,8 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
         labels = [r["label"] for r in batch]
         lost = {}
         candidates, outcomes = blind_pass(teachers, items, labels, lost)
-        if rationalize:
-            rationalize_unsolved(teachers, items, labels, candidates, failures, lost)
+        if with_rationalize:   # a parameter named `rationalize` would hide the function
+            rationalize(teachers, items, labels, candidates, failures, lost)
         cross_check(teachers, candidates, labels, failures, lost)
         for i, r in enumerate(batch):
             if i in lost:
@@ -476,7 +484,8 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
                 append_jsonl(out, {"id": r["id"], "image": r["image"], "label": r["label"], "think": best["think"],
                                    "answer": r["label"], "teacher": best["teacher"], "votes": best.get("votes", 0),
                                    "voters": best.get("voters", 0), "mode": best["mode"]})
-            append_jsonl(prog, {"id": r["id"], "label": r["label"], "status": "dropped" if best is None else best["mode"],
+            append_jsonl(prog, {"id": r["id"], "label": r["label"],
+                                "status": "dropped" if best is None else best["mode"],
                                 "blind": {name: o[i] for name, o in outcomes.items()}})
         bar.update(len(wanted))
         dead_chunks = dead_chunks + 1 if batch and len(lost) == len(batch) else 0
@@ -497,7 +506,8 @@ def build(records: list[dict], root, teachers, out: Path, rationalize=False, min
     atomic_write_json(out.with_name(out.name + ".summary.json"), summary)
     if not_done["transport"] or not_done["unreadable"]:
         print(f"{not_done['transport']} images could not be finished (teacher unreachable) and "
-              f"{not_done['unreadable']} images are unreadable: listed in {fails}; a rerun retries them", file=sys.stderr)
+              f"{not_done['unreadable']} images are unreadable: listed in {fails}; a rerun retries them",
+              file=sys.stderr)
     return summary
 
 
@@ -514,7 +524,8 @@ def summarise(out: Path, teachers) -> dict:
         answered = c["correct"] + c["wrong"]
         teachers_summary[name] = {"blind_accuracy": round(c["correct"] / answered, 4) if answered else None,
                                   "correct": c["correct"], "wrong": c["wrong"],
-                                  "failures": c["malformed"] + c["error"], "malformed": c["malformed"], "errors": c["error"]}
+                                  "failures": c["malformed"] + c["error"], "malformed": c["malformed"],
+                                  "errors": c["error"]}
         calls = getattr(next((t for t in teachers if t.name == name), None), "calls", None)
         if calls:
             teachers_summary[name]["http"] = dict(calls)
@@ -522,41 +533,59 @@ def summarise(out: Path, teachers) -> dict:
     for c in per_class.values():
         totals.update(c)
     return {"output": str(out), "images": sum(totals.values()), "kept": totals["blind"], "hinted": totals["hinted"],
-            "dropped": totals["dropped"], "per_class": {k: dict(v) for k, v in per_class.items()}, "teachers": teachers_summary}
+            "dropped": totals["dropped"], "per_class": {k: dict(v) for k, v in per_class.items()},
+            "teachers": teachers_summary}
 
 
-def main(argv=None) -> dict:
+SPLITS = ["train", "val", "test"]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every setting of a COT build (`python cot_builder.py ...`)."""
+    data: str = arg(help="EmoSet-layout data root")
+    teacher: list[str] = arg(help="toy:NAME | hf:PATH | openai:URL#MODEL; repeat (>= 2 for cross-checks)",
+                             action="append")
+    out: str = arg(help="output JSONL of COT records (appended; resumable)")
+    split: str = arg("train", "split to annotate", choices=SPLITS)
+    rationalize: bool = arg(False, "ask teachers for label-conditioned reasoning where none got it right")
+    min_votes: int = arg(0, "keep only candidates with at least this many cross-check votes", type=int_at_least(0))
+    limit: int | None = arg(None, "only the first N records of the split", type=int_at_least(1))
+    workers: int = arg(8, "concurrent requests per HTTP teacher", type=int_at_least(1))
+    chunk: int = arg(32, "images per processing chunk", type=int_at_least(1))
+    skip_missing: bool = arg(False, "skip (and count) entries whose image is missing")
+    # HTTP teachers
+    timeout: float = arg(120.0, "seconds per HTTP request, whole reply included", type=float_in(0, lo_open=True))
+    retries: int = arg(4, "retries of a failed HTTP request (backoff 1, 2, 4... s)", type=int_at_least(0))
+    retry_after_cap: float = arg(60.0, "longest wait honoured from a Retry-After header, seconds", type=float_in(0))
+    max_reply_bytes: int = arg(2 ** 20, "larger HTTP replies count as malformed", type=int_at_least(1))
+
+
+def parse_build_args(argv=None) -> tuple[BuildConfig, list]:
+    """The build's config and its teachers (a bad teacher spec is a usage error)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Export the output for TRL or verl: python cot_builder.py export --help")
-    p.add_argument("--data", required=True, help="EmoSet-layout data root")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split to annotate")
-    p.add_argument("--teacher", action="append", required=True, help="toy:NAME | hf:PATH | openai:URL#MODEL; repeat (>= 2 for cross-checks)")
-    p.add_argument("--out", required=True, help="output JSONL of COT records (appended; resumable)")
-    p.add_argument("--rationalize", action="store_true", help="ask teachers for label-conditioned reasoning where none got it right")
-    p.add_argument("--min-votes", type=int_at_least(0), default=0, help="keep only candidates with at least this many cross-check votes")
-    p.add_argument("--limit", type=int_at_least(1), help="only the first N records of the split")
-    p.add_argument("--workers", type=int_at_least(1), default=8, help="concurrent requests per HTTP teacher")
-    p.add_argument("--chunk", type=int_at_least(1), default=32, help="images per processing chunk")
-    p.add_argument("--skip-missing", action="store_true", help="skip (and count) entries whose image is missing")
-    p.add_argument("--timeout", type=float_in(0, lo_open=True), default=120.0, help="seconds per HTTP request, whole reply included")
-    p.add_argument("--retries", type=int_at_least(0), default=4, help="retries of a failed HTTP request (backoff 1, 2, 4... s)")
-    p.add_argument("--retry-after-cap", type=float_in(0), default=60.0, help="longest wait honoured from a Retry-After header, seconds")
-    p.add_argument("--max-reply-bytes", type=int_at_least(1), default=2 ** 20, help="larger HTTP replies count as malformed")
-    args = p.parse_args(argv)
-    if problem := output_path_problem(args.out, "file"):
+    add_config_flags(p, BuildConfig)
+    cfg = config_from_args(BuildConfig, p.parse_args(argv))
+    if problem := output_path_problem(cfg.out, "file"):
         p.error(problem)
-    http_options = dict(timeout=args.timeout, retries=args.retries, retry_after_cap=args.retry_after_cap,
-                        max_reply_bytes=args.max_reply_bytes)
+    http_options = dict(timeout=cfg.timeout, retries=cfg.retries, retry_after_cap=cfg.retry_after_cap,
+                        max_reply_bytes=cfg.max_reply_bytes)
     try:
-        teachers = [make_teacher(spec, args.workers, **http_options) for spec in args.teacher]
+        teachers = [make_teacher(spec, cfg.workers, **http_options) for spec in cfg.teacher]
     except ValueError as e:
         p.error(str(e))
     if len({t.name for t in teachers}) != len(teachers):
         p.error("teacher names must be distinct")
-    records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing, limit=args.limit)
+    return cfg, teachers
+
+
+def main(argv=None) -> dict:
+    cfg, teachers = parse_build_args(argv)
+    records, report = read_emoset_split(cfg.data, cfg.split, skip_missing=cfg.skip_missing, limit=cfg.limit)
     if report["skipped_missing"]:
         print(f"skipped {report['skipped_missing']} entries with missing images")
-    summary = build(records, args.data, teachers, Path(args.out), args.rationalize, args.min_votes, args.chunk)
+    summary = build(records, cfg.data, teachers, Path(cfg.out), cfg.rationalize, cfg.min_votes, cfg.chunk)
     print(json.dumps(summary, indent=2))
     return summary
 
@@ -618,32 +647,47 @@ def export_records(records: list[dict], root, to: str, out_dir, name: str) -> Pa
     return path
 
 
-def export_main(argv=None) -> int:
+@dataclass(frozen=True)
+class ExportConfig:
+    """Every setting of `python cot_builder.py export`: the records come from --cot or from --split."""
+    to: str = arg(help="the library whose dataset layout to write", choices=sorted(EXPORT_SUFFIX))
+    data: str = arg(help="the EmoSet-layout data root the records' image paths are relative to")
+    out: str = arg(help="output folder")
+    cot: str | None = arg(None, "COT records JSONL written by cot_builder.py (the training prompts)")
+    split: str | None = arg(None, "an EmoSet split instead of --cot (e.g. verl's data.val_files)", choices=SPLITS)
+    name: str | None = arg(None, "output file name without suffix (default: the --cot file's stem, or the split)")
+    skip_invalid: bool = arg(False, "skip (and count) invalid COT records instead of stopping")
+    skip_missing: bool = arg(False, "with --split: skip (and count) entries whose image is missing")
+
+
+def parse_export_args(argv=None) -> ExportConfig:
     p = argparse.ArgumentParser(prog="cot_builder.py export",
                                 description="Convert COT records to the RL dataset of TRL's GRPOTrainer or verl.")
-    p.add_argument("--to", required=True, choices=sorted(EXPORT_SUFFIX), help="the library whose dataset layout to write")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cot", help="COT records JSONL written by cot_builder.py (the training prompts)")
-    source.add_argument("--split", choices=["train", "val", "test"], help="an EmoSet split instead (e.g. verl's data.val_files)")
-    p.add_argument("--data", required=True, help="the EmoSet-layout data root the records' image paths are relative to")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--name", help="output file name without suffix (default: the --cot file's stem, or the split)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip (and count) invalid COT records instead of stopping")
-    p.add_argument("--skip-missing", action="store_true", help="with --split: skip (and count) entries whose image is missing")
-    args = p.parse_args(argv)
-    if problem := output_path_problem(args.out, "dir"):
+    add_config_flags(p, ExportConfig)
+    cfg = config_from_args(ExportConfig, p.parse_args(argv))
+    if cfg.cot is None and cfg.split is None:   # argparse's own words for a required exclusive group
+        p.error("one of the arguments --cot --split is required")
+    if cfg.cot is not None and cfg.split is not None:
+        p.error("argument --split: not allowed with argument --cot")
+    if problem := output_path_problem(cfg.out, "dir"):
         p.error(problem)
+    return cfg
+
+
+def export_main(argv=None) -> int:
+    cfg = parse_export_args(argv)
     try:
-        if args.cot:
-            records, report = read_cot_records(args.cot, args.data, skip_invalid=args.skip_invalid)
+        if cfg.cot:
+            records, report = read_cot_records(cfg.cot, cfg.data, skip_invalid=cfg.skip_invalid)
             skipped = f"{report['skipped_invalid']} invalid records skipped"
         else:
-            records, report = read_emoset_split(args.data, args.split, skip_missing=args.skip_missing)
+            records, report = read_emoset_split(cfg.data, cfg.split, skip_missing=cfg.skip_missing)
             skipped = f"{report['skipped_missing']} entries with missing images skipped"
     except DataError as e:
         raise SystemExit(f"cot_builder.py export: {e}") from e
-    path = export_records(records, args.data, args.to, args.out, args.name or (Path(args.cot).stem if args.cot else args.split))
-    print(f"wrote {len(records)} {args.to} rows to {path} ({skipped})")
+    name = cfg.name or (Path(cfg.cot).stem if cfg.cot else cfg.split)
+    path = export_records(records, cfg.data, cfg.to, cfg.out, name)
+    print(f"wrote {len(records)} {cfg.to} rows to {path} ({skipped})")
     return 0
 
 

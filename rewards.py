@@ -140,7 +140,8 @@ REWARD_COMPONENTS = {
 }
 
 
-def combined_reward(texts: list[str], labels: list[str], weights: dict[str, float]) -> tuple[list[float], dict[str, list[float]]]:
+def combined_reward(texts: list[str], labels: list[str],
+                    weights: dict[str, float]) -> tuple[list[float], dict[str, list[float]]]:
     """r_i = sum_k w_k * R_k(o_i, y_i) for each completion, and each component R_k separately.
 
     Returns (totals, {component name: per-completion values}) so training can log each

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 import eval as evaluation
 import vlm
-from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args,
-                  cot_target, float_in, int_at_least,
-                  label_target, load_images, output_path_problem, read_cot_records, read_emoset_split,
-                  read_val_for_training, truncate_jsonl_after_step)
+from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json,
+                  config_from_args, cot_target, float_in, int_at_least, label_target, load_images,
+                  output_path_problem, read_cot_records, read_emoset_split, read_val_for_training,
+                  truncate_jsonl_after_step)
 
 IGNORE = -100
 TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template is rendered once
@@ -223,7 +223,8 @@ def main(argv=None) -> dict:
         try:
             vlm.require_finite_weights(model)
         except vlm.NonFiniteError as e:
-            raise SystemExit(f"stopped at step {step + 1}: {e} after the optimizer step; the last good checkpoint is {ckpt}") from e
+            raise SystemExit(f"stopped at step {step + 1}: {e} after the optimizer step; "
+                             f"the last good checkpoint is {ckpt}") from e
         step += 1
         record = {"step": step, "loss": loss_value, "grad_norm": grad_value,
                   "lr": scheduler.get_last_lr()[0], "step_s": round(time.perf_counter() - t0, 4)}
@@ -233,7 +234,8 @@ def main(argv=None) -> dict:
             record.update(val_accuracy=metrics["accuracy"], val_format_rate=metrics["format_rate"])
             model.train()
         append_jsonl(out / "metrics.jsonl", record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val_acc": f"{record['val_accuracy']:.2f}"} if "val_accuracy" in record else {}))
+        val_acc = {"val_acc": f"{record['val_accuracy']:.2f}"} if "val_accuracy" in record else {}
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **val_acc)
         bar.update(1)
         if step % cfg.save_every == 0 or step == last:
             save()

@@ -164,7 +164,8 @@ class MissingVideoProcessor:
     fps = None
 
     def __call__(self, *args, **kwargs):
-        raise RuntimeError("this processor was loaded image-only (torchvision is not installed): it cannot process videos")
+        raise RuntimeError("this processor was loaded image-only (torchvision is not installed): "
+                           "it cannot process videos")
 
 
 def image_only_class(cls):
@@ -189,8 +190,9 @@ def image_only_class(cls):
         cls.__init__(self, video_processor=None, **arguments)
 
     __init__.__signature__ = signature
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                        "__doc__": cls.__doc__, "video_processor": MissingVideoProcessor()})
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                        "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+                                        "video_processor": MissingVideoProcessor()})
 
 
 def image_only_processor(path: Path):
@@ -659,7 +661,8 @@ def _forward_completion_logits(model, inputs: dict, completion_ids: torch.Tensor
     batch = dict(inputs)
     prompt_len = inputs["input_ids"].shape[1]
     batch["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)
-    batch["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.to(inputs["attention_mask"].dtype)], dim=1)
+    prompt_mask = inputs["attention_mask"]
+    batch["attention_mask"] = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
     # Every other per-token input must grow with the completion too (token-type ids: 0 = text).
     for key, value in inputs.items():
         if key not in ("input_ids", "attention_mask") and torch.is_tensor(value) and value.shape[:2] == (n, prompt_len):
@@ -789,7 +792,8 @@ def require_finite_weights(model) -> None:
     norms = torch._foreach_norm(params)
     if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
         return
-    name = next(n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all()) or not torch.isfinite(p.norm()))
+    name = next(n for n, p in model.named_parameters()
+                if not bool(torch.isfinite(p).all()) or not torch.isfinite(p.norm()))
     raise NonFiniteError(f"non-finite weights (first: {name})")
 
 

@@ -105,7 +105,8 @@ MUTATIONS = [
     Mutation("clip fractions ignore the mask", "clgrpo.py",
              "high = (ratio > 1.0 + eps_high) & (a > 0) & m", "high = (ratio > 1.0 + eps_high) & (a > 0)", MATH),
     Mutation("ratio_mean over masked positions too", "clgrpo.py",
-             '"ratio_mean": torch.where(m, ratio, 0.0).sum() / n_tokens', '"ratio_mean": (ratio * m).sum() / n_tokens', MATH),
+             '"ratio_mean": torch.where(m, ratio, 0.0).sum() / n_tokens', '"ratio_mean": (ratio * m).sum() / n_tokens',
+             MATH),
     Mutation("kl_mean over every position", "clgrpo.py",
              "torch.where(m, kl, 0.0).sum() / n_tokens", "kl.mean()", MATH),
     Mutation("stats: no clamp on an all-masked batch", "clgrpo.py",
@@ -123,9 +124,11 @@ MUTATIONS = [
              'if word.endswith((".", "!")):', 'if word.endswith((".", "!", "?")):', REWARDS),
     Mutation("strip the mark before the whitespace", "rewards.py",
              'word = text.strip()\n    if word.endswith((".", "!")):\n        word = word[:-1]',
-             'word = text\n    if word.endswith((".", "!")):\n        word = word[:-1]\n    word = word.strip()', REWARDS),
+             'word = text\n    if word.endswith((".", "!")):\n        word = word[:-1]\n    word = word.strip()',
+             REWARDS),
     Mutation("strip punctuation around the word", "rewards.py",
-             "return WORD_TO_EMOTION.get(word.lower())", "return WORD_TO_EMOTION.get(word.lower().strip(\"'\\\"*:?\"))", REWARDS),
+             "return WORD_TO_EMOTION.get(word.lower())", "return WORD_TO_EMOTION.get(word.lower().strip(\"'\\\"*:?\"))",
+             REWARDS),
     Mutation("case-sensitive labels", "rewards.py",
              "return WORD_TO_EMOTION.get(word.lower())", "return WORD_TO_EMOTION.get(word)", REWARDS),
     Mutation("casefold instead of an ASCII check", "rewards.py",
@@ -141,10 +144,12 @@ MUTATIONS = [
              "if text[end + len(ANSWER_CLOSE):].strip():", "if False:", REWARDS),
     Mutation("case-insensitive tags in parse_answer", "rewards.py",
              '    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:\n        return None\n    end',
-             '    text = text.lower()\n    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:\n        return None\n    end',
+             '    text = text.lower()\n'
+             '    if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:\n        return None\n    end',
              REWARDS),
     Mutation("case-insensitive tags in format_reward", "rewards.py",
-             "    if any(text.count(tag) != 1 for tag in TAGS):", "    text = text.lower()\n    if any(text.count(tag) != 1 for tag in TAGS):",
+             "    if any(text.count(tag) != 1 for tag in TAGS):",
+             "    text = text.lower()\n    if any(text.count(tag) != 1 for tag in TAGS):",
              REWARDS),
     Mutation("duplicated answer tags allowed in parse_answer", "rewards.py",
              "if text.count(ANSWER_OPEN) != 1 or text.count(ANSWER_CLOSE) != 1:",
@@ -158,7 +163,8 @@ MUTATIONS = [
     Mutation("visible means not whitespace", "rewards.py",
              "return any(map(is_visible, set(text)))", "return bool(text.strip())", REWARDS),
     Mutation("visible means printable", "rewards.py",
-             "return any(map(is_visible, set(text)))", "return any(c.isprintable() and not c.isspace() for c in text)", REWARDS),
+             "return any(map(is_visible, set(text)))", "return any(c.isprintable() and not c.isspace() for c in text)",
+             REWARDS),
     Mutation("blank fillers count as visible", "rewards.py",
              'return unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK_LETTERS',
              'return unicodedata.category(ch)[0] in "LNPS"', REWARDS),
@@ -246,8 +252,8 @@ def main(argv=None) -> int:
             passed, last = run_tests(tree, m.tests)
             shutil.rmtree(tree)
             verdict = "SURVIVED" if passed else "killed"
-            print(f"[{i:2}/{len(chosen)}] {verdict:8} {m.file:10} {m.name}  ({time.perf_counter() - start:.1f} s; {last})",
-                  flush=True)
+            elapsed = time.perf_counter() - start
+            print(f"[{i:2}/{len(chosen)}] {verdict:8} {m.file:10} {m.name}  ({elapsed:.1f} s; {last})", flush=True)
             if passed:
                 survivors.append(m)
     print(f"\nkilled {len(chosen) - len(survivors)} of {len(chosen)} mutations")

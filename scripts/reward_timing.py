@@ -19,12 +19,14 @@ ZW = "\u200b\ufeff\u2060"
 CASES = {
     "1 MB think of 'a'": "<think>" + "a" * MB + "</think><answer>awe</answer>",
     "1 MB think of zero-width chars": "<think>" + ZW * (MB // 3) + "</think><answer>awe</answer>",
-    "3 MB of whitespace around the answer": "<think>x</think><answer>" + " " * MB + "awe" + " " * MB + "</answer>" + " " * MB,
+    "3 MB of whitespace around the answer":
+        "<think>x</think><answer>" + " " * MB + "awe" + " " * MB + "</answer>" + " " * MB,
     "125,000 opening answer tags": "<answer>" * (MB // 8),
     "62,500 think tag pairs": "<think>" * (MB // 16) + "</think>" * (MB // 16),
     "250,000 repeated answer words": "<think>x</think><answer>" + "awe " * (MB // 4) + "</answer>",
     "1 MB of dots after the answer": "<think>x</think><answer>awe</answer>" + "." * MB,
-    "250,000 distinct code points in the answer": "<think>x</think><answer>" + "".join(map(chr, range(0x30000, 0x30000 + MB // 4))) + "</answer>",
+    "250,000 distinct code points in the answer":
+        "<think>x</think><answer>" + "".join(map(chr, range(0x30000, 0x30000 + MB // 4))) + "</answer>",
 }
 
 

@@ -92,8 +92,9 @@ def half_format_model(tmp_path_factory, tiny_model_dir, toy_data):
         for i, r in enumerate(records):
             think = "" if i % 2 else "The background is dark and the largest object is blue."
             f.write(json.dumps({**r, "think": think, "answer": r["label"]}) + "\n")
-    sft.main(["--mode", "cot", "--cot", str(root / "cot.jsonl"), "--model", str(tiny_model_dir), "--data", str(toy_data),
-              "--out", str(root / "run"), "--steps", "40", "--eval-every", "0", "--save-every", "40"])
+    sft.main(["--mode", "cot", "--cot", str(root / "cot.jsonl"), "--model", str(tiny_model_dir),
+              "--data", str(toy_data), "--out", str(root / "run"),
+              "--steps", "40", "--eval-every", "0", "--save-every", "40"])
     return root / "run" / "checkpoint"
 
 

@@ -28,9 +28,10 @@ def params_of(path):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-LOGGED = ["reward_format", "reward_accuracy", "reward_mean", "reward_std", "frac_zero_std", "kl_mean", "frac_clipped_lower",
-          "frac_clipped_upper", "ratio_mean", "completion_len_mean", "completion_len_max", "frac_truncated", "entropy",
-          "grad_norm", "lr", "time_sample", "time_score", "time_logprobs", "time_update", "tokens_per_s", "loss",
+LOGGED = ["reward_format", "reward_accuracy", "reward_mean", "reward_std", "frac_zero_std", "kl_mean",
+          "frac_clipped_lower", "frac_clipped_upper", "ratio_mean", "completion_len_mean", "completion_len_max",
+          "frac_truncated", "entropy", "grad_norm", "lr", "time_sample", "time_score", "time_logprobs", "time_update",
+          "tokens_per_s", "loss",
           "gen_rounds", "generations", "useful_groups", "batch_zero_std_groups", "generations_per_useful_group"]
 
 
@@ -119,7 +120,8 @@ def test_mu2_second_update_sees_moved_ratios(half_format_model, toy_data):
 
 def test_beta0_all_zero_std_run_skips_updates_but_the_schedule_advances(tmp_path, tiny_model_dir, toy_data):
     # The random model never produces the format nor a label: every group's rewards are equal.
-    out, metrics = run(tmp_path, tiny_model_dir, toy_data, "--steps", "2", "--lr", "1e-2", "--beta", "0", "--warmup", "4")
+    out, metrics = run(tmp_path, tiny_model_dir, toy_data,
+                       "--steps", "2", "--lr", "1e-2", "--beta", "0", "--warmup", "4")
     assert [m["skipped_update"] for m in metrics] == [1, 1] and metrics[-1]["skipped_updates_total"] == 2
     assert all(m["frac_zero_std"] == 1.0 and m["useful_groups"] == 0 for m in metrics)
     assert [m["lr"] for m in metrics] == pytest.approx([1e-2 / 4, 2e-2 / 4])  # warm-up counts skipped steps too
@@ -162,7 +164,8 @@ def test_beta_positive_update_without_reward_signal_pulls_policy_towards_referen
             return clgrpo.masked_aggregate(kl, probe.completion_mask, "token").item()
 
     before = kl_on_probe()
-    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, ref, optimizer, scheduler), records, images, config)
+    policy = clgrpo.Policy(model, processor, ref, optimizer, scheduler)
+    metrics, updates = clgrpo.grpo_step(policy, records, images, config)
     assert metrics["frac_zero_std"] == 1.0 and metrics["skipped_update"] == 0 and len(updates) == config.mu
     assert metrics["grad_norm"] > 0 and metrics["kl_mean"] > 0
     assert kl_on_probe() < 0.9 * before
@@ -182,7 +185,8 @@ def test_beta0_update_without_reward_signal_is_skipped_and_leaves_adam_alone(hal
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images, config)
+    policy = clgrpo.Policy(model, processor, None, optimizer, scheduler)
+    metrics, updates = clgrpo.grpo_step(policy, records, images, config)
     assert metrics["skipped_update"] == 1 and updates == [] and metrics["frac_zero_std"] == 1.0
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert metrics["lr"] == pytest.approx(1e-2 / 4) and scheduler.get_last_lr()[0] == pytest.approx(2e-2 / 4)
@@ -262,10 +266,12 @@ def test_dynamic_sampling_respects_the_cap_and_tops_up_with_zero_std_groups(tiny
                                                                num_generations=g, max_new_tokens=8,
                                                                dynamic_sampling=True, max_extra_rounds=2)
     draw, calls = prompt_drawer(toy_data, b)
-    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images, config, draw_prompts=draw)
+    policy = clgrpo.Policy(model, processor, None, optimizer, scheduler)
+    metrics, updates = clgrpo.grpo_step(policy, records, images, config, draw_prompts=draw)
     assert len(calls) == 2 and metrics["gen_rounds"] == 3 and metrics["generations"] == 3 * b * g
     assert metrics["useful_groups"] == 1 and metrics["batch_zero_std_groups"] == 1 and metrics["skipped_update"] == 0
-    assert [s["label"] for s in metrics["samples"]] == [records[0]["label"], read_emoset_split(toy_data, "train")[0][3]["label"]]
+    drawn = read_emoset_split(toy_data, "train")[0][3]
+    assert [s["label"] for s in metrics["samples"]] == [records[0]["label"], drawn["label"]]
     # No signal anywhere, beta = 0: after the cap the batch is all zero-std groups and the update is skipped.
     scripted_rewards(monkeypatch, g, [set(), set()])
     metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images,
@@ -317,7 +323,8 @@ def test_resume_with_dynamic_sampling_matches_an_uninterrupted_run(tmp_path, hal
     full, full_metrics = run(tmp_path, half_format_model, toy_data, *common, name="full")
     run(tmp_path, half_format_model, toy_data, *common, "--stop-after", "2", name="split")
     split, split_metrics = run(tmp_path, half_format_model, toy_data, *common, "--resume", name="split")
-    assert any(m["gen_rounds"] > 1 for m in full_metrics[:2]), "no extra round before the split: the test proves nothing"
+    assert any(m["gen_rounds"] > 1 for m in full_metrics[:2]), \
+        "no extra round before the split: the test proves nothing"
     keys = ["gen_rounds", "reward_mean", "useful_groups"]
     assert [[m[k] for k in keys] for m in split_metrics] == [[m[k] for k in keys] for m in full_metrics]
     a, b = params_of(full), params_of(split)
@@ -330,8 +337,8 @@ def test_short_stage2_run_raises_the_format_reward(tmp_path, half_format_model, 
     torch.manual_seed(0)
     out = tmp_path / "stage2"
     clgrpo.main(["--stage", "2", "--model", str(half_format_model), "--data", str(toy_data), "--out", str(out),
-                 "--steps", "20", "--lr", "1e-4", "--batch-size", "4", "--num-generations", "8", "--max-new-tokens", "40",
-                 "--eval-every", "0", "--save-every", "100"])
+                 "--steps", "20", "--lr", "1e-4", "--batch-size", "4", "--num-generations", "8",
+                 "--max-new-tokens", "40", "--eval-every", "0", "--save-every", "100"])
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = sum(m["reward_format"] for m in metrics[:5]) / 5
     last = sum(m["reward_format"] for m in metrics[-5:]) / 5

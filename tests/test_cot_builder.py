@@ -26,7 +26,8 @@ TEACHERS = ["toy:describer", "toy:counter", "toy:terse"]
 
 
 def build(toy_data, out, *extra):
-    return cot_builder.main(["--data", str(toy_data), "--out", str(out), *sum([["--teacher", t] for t in TEACHERS], []), *extra])
+    teachers = [flag for t in TEACHERS for flag in ("--teacher", t)]
+    return cot_builder.main(["--data", str(toy_data), "--out", str(out), *teachers, *extra])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +263,8 @@ def closed_port_url():
 
 def run_with(teacher, toy_data, out, n=6, chunk=32):
     records, _ = read_emoset_split(toy_data, "train", limit=n)
-    return cot_builder.build(records, toy_data, [teacher, toy.ToyTeacher("describer", malformed_rate=0)], out, chunk=chunk)
+    teachers = [teacher, toy.ToyTeacher("describer", malformed_rate=0)]
+    return cot_builder.build(records, toy_data, teachers, out, chunk=chunk)
 
 
 def test_outage_leaves_images_to_do_lists_them_and_the_rerun_finishes(server_factory, tmp_path, toy_data):
@@ -277,7 +279,8 @@ def test_outage_leaves_images_to_do_lists_them_and_the_rerun_finishes(server_fac
     # 5xx after the retries: the same
     server = server_factory([(503, "{}")] * 100)
     summary = run_with(teacher_for(server, retries=1), toy_data, out)
-    assert summary["not_done"]["transport"] == 6 and "HTTP 503" in next(read_jsonl(cot_builder.failures_path(out)))["error"]
+    assert summary["not_done"]["transport"] == 6
+    assert "HTTP 503" in next(read_jsonl(cot_builder.failures_path(out)))["error"]
     # The teacher is back: the rerun does every image, and the result equals an undisturbed run.
     server.script.clear()
     summary = run_with(teacher_for(server), toy_data, out)
@@ -409,7 +412,7 @@ def test_a_lone_surrogate_in_a_run_is_judged_malformed_and_reruns_do_not_crash(s
     out = tmp_path / "cot.jsonl"
     for _ in range(2):
         summary = run_with(teacher_for(server), toy_data, out)
-        assert summary["images"] == 6 and summary["teachers"][f"openai:teacher-7b"]["malformed"] == 6
+        assert summary["images"] == 6 and summary["teachers"]["openai:teacher-7b"]["malformed"] == 6
     for r in read_jsonl(out):
         assert cot_builder.is_valid_text(r["think"])
 
@@ -427,14 +430,16 @@ def test_unreadable_images_are_skipped_listed_and_the_rest_is_done(tmp_path, toy
     assert summary["images"] == 6 and summary["not_done"]["unreadable"] == 2
     assert cot_builder.exit_code(summary) == 0
     failed = {f["id"]: f for f in read_jsonl(cot_builder.failures_path(out))}
-    assert set(failed) == {records[2]["id"], records[5]["id"]} and all(f["kind"] == "unreadable" for f in failed.values())
+    assert set(failed) == {records[2]["id"], records[5]["id"]}
+    assert all(f["kind"] == "unreadable" for f in failed.values())
     err = capsys.readouterr().err
     assert err.count("skipping unreadable image") == 2 and records[2]["image"] in err
 
 
 def test_exit_code_is_nonzero_while_transport_failures_remain(tmp_path, toy_data):
-    cmd = [sys.executable, "cot_builder.py", "--data", str(toy_data), "--out", str(tmp_path / "c.jsonl"), "--limit", "3",
-           "--teacher", "toy:describer", "--teacher", f"openai:{closed_port_url()}#m", "--retries", "0", "--timeout", "2"]
+    cmd = [sys.executable, "cot_builder.py", "--data", str(toy_data), "--out", str(tmp_path / "c.jsonl"),
+           "--limit", "3", "--teacher", "toy:describer", "--teacher", f"openai:{closed_port_url()}#m",
+           "--retries", "0", "--timeout", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(cot_builder.__file__).parent)
     assert done.returncode == cot_builder.EXIT_INCOMPLETE, done.stderr
     assert "ConnectionRefusedError" in done.stderr and "a rerun retries them" in done.stderr
@@ -445,7 +450,10 @@ def test_hf_teacher_answers_images_and_text_and_its_failures_are_counted(tmp_pat
     teacher.max_new_tokens = 12
     records, _ = read_emoset_split(toy_data, "train", limit=5)
     items = [(r["id"], data.load_image(toy_data, r)) for r in records]
-    assert len(teacher.blind(items)) == 5 and all(isinstance(t, str) for t in teacher.from_reasoning([("k", "dark, red")]))
-    summary = cot_builder.build(records, toy_data, [teacher, toy.ToyTeacher("describer", malformed_rate=0)], tmp_path / "c.jsonl")
+    assert len(teacher.blind(items)) == 5
+    assert all(isinstance(t, str) for t in teacher.from_reasoning([("k", "dark, red")]))
+    teachers = [teacher, toy.ToyTeacher("describer", malformed_rate=0)]
+    summary = cot_builder.build(records, toy_data, teachers, tmp_path / "c.jsonl")
     t = summary["teachers"][teacher.name]
-    assert t["correct"] + t["wrong"] + t["failures"] == 5 and t["failures"] >= 4   # a random model rarely has the format
+    assert t["correct"] + t["wrong"] + t["failures"] == 5
+    assert t["failures"] >= 4   # a random model rarely has the format

@@ -91,7 +91,8 @@ def test_sft_batch_meets_the_target_contract(family, padding_side):
     batch = sft.build_sft_batch(processor, images, targets, padding_side)
     eot = tok.convert_tokens_to_ids(vlm.end_of_turn_token(processor))
     for i, (img, target) in enumerate(zip(images, targets)):
-        conv = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": vlm.INSTRUCTION}]},
+        conv = [{"role": "user",
+                 "content": [{"type": "image", "image": img}, {"type": "text", "text": vlm.INSTRUCTION}]},
                 {"role": "assistant", "content": [{"type": "text", "text": target}]}]
         own = processor.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt")
         prompt = processor.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=True,
@@ -149,12 +150,13 @@ def test_every_command_line_runs_two_steps(family, toy_data, tmp_path):
     write_cot(tmp_path / "cot.jsonl", records)
     common = ["--data", str(toy_data), "--steps", "2", "--batch-size", "2", "--eval-every", "0", "--save-every", "2"]
     for mode in ("cot", "label"):
-        sft.main(["--mode", mode, "--model", str(folder), "--out", str(tmp_path / mode), "--cot", str(tmp_path / "cot.jsonl"),
-                  "--warmup", "1", *common])
+        sft.main(["--mode", mode, "--model", str(folder), "--out", str(tmp_path / mode),
+                  "--cot", str(tmp_path / "cot.jsonl"), "--warmup", "1", *common])
         lines = [json.loads(x) for x in open(tmp_path / mode / "metrics.jsonl")]
         assert len(lines) == 2 and all(math.isfinite(x["loss"]) for x in lines)
-    clgrpo.main(["--stage", "3", "--model", str(tmp_path / "cot"), "--out", str(tmp_path / "rl"), "--num-generations", "2",
-                 "--max-new-tokens", "8", "--lr", "1e-4", "--max-image-tokens", str(BUDGETS[name][1]), *common])
+    clgrpo.main(["--stage", "3", "--model", str(tmp_path / "cot"), "--out", str(tmp_path / "rl"),
+                 "--num-generations", "2", "--max-new-tokens", "8", "--lr", "1e-4",
+                 "--max-image-tokens", str(BUDGETS[name][1]), *common])
     lines = [json.loads(x) for x in open(tmp_path / "rl" / "metrics.jsonl")]
     assert len(lines) == 2 and all(math.isfinite(x["reward_mean"]) for x in lines)
     evaluation.main(["--model", str(tmp_path / "rl"), "--data", str(toy_data), "--limit", "4", "--max-new-tokens", "8",

@@ -44,7 +44,8 @@ RL = ["--stage", "3", "--model", "m", "--data", "d"]
     (sft.main, SFT, ["--save-every", "0"]), (sft.main, SFT, ["--limit", "0"]), (sft.main, SFT, ["--lr", "nan"]),
     (clgrpo.main, RL, ["--mu", "0"]), (clgrpo.main, RL, ["--steps", "0"]), (clgrpo.main, RL, ["--batch-size", "0"]),
     (clgrpo.main, RL, ["--save-every", "0"]), (clgrpo.main, RL, ["--num-generations", "1"]),
-    (clgrpo.main, RL, ["--temperature", "0"]), (clgrpo.main, RL, ["--eps-low", "1"]), (clgrpo.main, RL, ["--beta", "-1"]),
+    (clgrpo.main, RL, ["--temperature", "0"]), (clgrpo.main, RL, ["--eps-low", "1"]),
+    (clgrpo.main, RL, ["--beta", "-1"]),
     (evaluation.main, ["--model", "m", "--data", "d"], ["--limit", "0"]),
     (evaluation.main, ["--model", "m", "--data", "d"], ["--batch-size", "0"]),
     (cot_builder.main, ["--data", "d", "--teacher", "toy:terse"], ["--workers", "0"]),
@@ -58,7 +59,8 @@ def test_bad_numbers_are_refused_before_loading(tmp_path, no_loading, capsys, ma
     assert e.value.code == 2 and f"argument {bad[0]}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("main, base", [(sft.main, SFT), (clgrpo.main, RL), (evaluation.main, ["--model", "m", "--data", "d"])])
+@pytest.mark.parametrize("main, base", [(sft.main, SFT), (clgrpo.main, RL),
+                                        (evaluation.main, ["--model", "m", "--data", "d"])])
 def test_out_pointing_at_a_file_is_refused_before_loading(tmp_path, no_loading, capsys, main, base):
     (tmp_path / "file").write_text("precious")
     with pytest.raises(SystemExit) as e:
@@ -135,9 +137,11 @@ def poison_after(monkeypatch, n_steps: int):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
-def test_sft_stops_on_non_finite_weights_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, toy_data, monkeypatch):
-    common = ["--mode", "label", "--model", str(tiny_model_dir), "--data", str(toy_data), "--out", str(tmp_path / "run"),
-              "--steps", "4", "--batch-size", "4", "--save-every", "1", "--eval-every", "0"]
+def test_sft_stops_on_non_finite_weights_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, toy_data,
+                                                                           monkeypatch):
+    common = ["--mode", "label", "--model", str(tiny_model_dir), "--data", str(toy_data),
+              "--out", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4", "--save-every", "1",
+              "--eval-every", "0"]
     poison_after(monkeypatch, 3)
     with pytest.raises(SystemExit, match="stopped at step 3: non-finite weights .* after the optimizer step"):
         sft.main(common)
@@ -161,8 +165,8 @@ def test_clgrpo_stops_on_non_finite_weights(tmp_path, tiny_model_dir, toy_data, 
     monkeypatch.setattr(clgrpo, "grpo_step", diverging_step)
     with pytest.raises(SystemExit, match="stopped at step 2: non-finite weights .* last good checkpoint"):
         clgrpo.main(["--stage", "3", "--model", str(tiny_model_dir), "--data", str(toy_data), "--out", str(out),
-                     "--steps", "3", "--beta", "0", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4",
-                     "--eval-every", "0", "--save-every", "1"])
+                     "--steps", "3", "--beta", "0", "--batch-size", "2", "--num-generations", "2",
+                     "--max-new-tokens", "4", "--eval-every", "0", "--save-every", "1"])
     assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
     vlm.require_finite_weights(vlm.load_model(out)[0])
 
@@ -185,8 +189,9 @@ def damaged_data(tmp_path_factory, toy_data):
 
 def test_unreadable_images_are_skipped_in_sft_and_its_evaluation(tmp_path, tiny_model_dir, damaged_data, capsys):
     root, bad_train, bad_val = damaged_data
-    result = sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(root), "--out", str(tmp_path / "r"),
-                       "--steps", "14", "--batch-size", "8", "--eval-every", "14", "--eval-limit", "4", "--max-new-tokens", "4"])
+    result = sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(root),
+                       "--out", str(tmp_path / "r"), "--steps", "14", "--batch-size", "8",
+                       "--eval-every", "14", "--eval-limit", "4", "--max-new-tokens", "4"])
     err = capsys.readouterr().err
     assert result["step"] == 14 and result["unreadable_images"] == 3      # 14 x 8 > 2 epochs: each seen twice
     for image_id in bad_train + [bad_val]:
@@ -196,12 +201,13 @@ def test_unreadable_images_are_skipped_in_sft_and_its_evaluation(tmp_path, tiny_
 
 def test_unreadable_images_are_skipped_in_clgrpo_and_eval(tmp_path, tiny_model_dir, damaged_data, capsys):
     root, bad_train, bad_val = damaged_data
-    result = clgrpo.main(["--stage", "3", "--model", str(tiny_model_dir), "--data", str(root), "--out", str(tmp_path / "r"),
-                          "--steps", "13", "--batch-size", "8", "--num-generations", "2", "--max-new-tokens", "4",
+    result = clgrpo.main(["--stage", "3", "--model", str(tiny_model_dir), "--data", str(root),
+                          "--out", str(tmp_path / "r"), "--steps", "13", "--batch-size", "8",
+                          "--num-generations", "2", "--max-new-tokens", "4",
                           "--beta", "0", "--eval-every", "0", "--save-every", "100"])
     assert result["step"] == 13 and result["unreadable_images"] == 2
-    evaluation.main(["--model", str(tiny_model_dir), "--data", str(root), "--split", "val", "--out", str(tmp_path / "e"),
-                     "--max-new-tokens", "4"])
+    evaluation.main(["--model", str(tiny_model_dir), "--data", str(root), "--split", "val",
+                     "--out", str(tmp_path / "e"), "--max-new-tokens", "4"])
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["skipped_unreadable"] == [bad_val] and results["n"] == 15
     assert capsys.readouterr().err.count(f"image of {bad_val!r}") == 1

@@ -113,7 +113,8 @@ def assert_one_schema(rows: list[dict]) -> None:
 
 def test_export_to_trl_writes_grpotrainer_rows(tmp_path, toy_data, cot_file):
     cot, records = cot_file
-    assert cot_builder.export_main(["--to", "trl", "--cot", str(cot), "--data", str(toy_data), "--out", str(tmp_path / "trl")]) == 0
+    args = ["--to", "trl", "--cot", str(cot), "--data", str(toy_data), "--out", str(tmp_path / "trl")]
+    assert cot_builder.export_main(args) == 0
     rows = read_rows(tmp_path / "trl" / "train.jsonl")
     assert len(rows) == len(records)
     assert_one_schema(rows)
@@ -131,8 +132,9 @@ def test_export_to_trl_writes_grpotrainer_rows(tmp_path, toy_data, cot_file):
 def test_export_to_verl_writes_rlhfdataset_rows_from_the_command_line(tmp_path, toy_data, cot_file):
     cot, records = cot_file
     out = tmp_path / "verl"
-    subprocess.run([sys.executable, "cot_builder.py", "export", "--to", "verl", "--cot", str(cot), "--data", str(toy_data),
-                    "--out", str(out), "--name", "emoset_train"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "cot_builder.py", "export", "--to", "verl", "--cot", str(cot),
+                    "--data", str(toy_data), "--out", str(out), "--name", "emoset_train"],
+                   cwd=REPO, check=True, capture_output=True)
     rows = read_rows(out / "emoset_train.json")   # verl's RLHFDataset reads *.json (JSON Lines) or *.parquet
     assert len(rows) == len(records)
     assert_one_schema(rows)
@@ -146,12 +148,15 @@ def test_export_to_verl_writes_rlhfdataset_rows_from_the_command_line(tmp_path, 
         assert row["reward_model"] == {"style": "rule", "ground_truth": record["label"]}
         assert row["extra_info"] == {"index": i, "id": record["id"]}
         assert isinstance(row["data_source"], str) and isinstance(row["ability"], str)
-        score = rewards.verl_compute_score(data_source=row["data_source"], solution_str=cot_target("t", record["label"]),
-                                           ground_truth=row["reward_model"]["ground_truth"], extra_info=row["extra_info"])
+        score = rewards.verl_compute_score(data_source=row["data_source"],
+                                           solution_str=cot_target("t", record["label"]),
+                                           ground_truth=row["reward_model"]["ground_truth"],
+                                           extra_info=row["extra_info"])
         assert score["score"] == 2.0
 
 
-def test_export_refuses_invalid_records_naming_file_and_line_or_skips_and_counts_them(tmp_path, toy_data, cot_file, capsys):
+def test_export_refuses_invalid_records_naming_file_and_line_or_skips_and_counts_them(tmp_path, toy_data, cot_file,
+                                                                                      capsys):
     cot, records = cot_file
     lines = cot.read_text().splitlines()
     lines[2] = json.dumps({**json.loads(lines[2]), "answer": "joy"})
@@ -165,7 +170,8 @@ def test_export_refuses_invalid_records_naming_file_and_line_or_skips_and_counts
     assert "1 invalid records skipped" in capsys.readouterr().out
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as e:
-        cot_builder.export_main(["--to", "verl", "--cot", str(cot), "--data", str(toy_data), "--out", str(tmp_path / "file")])
+        cot_builder.export_main(["--to", "verl", "--cot", str(cot), "--data", str(toy_data),
+                                 "--out", str(tmp_path / "file")])
     assert e.value.code == 2
 
 

@@ -50,14 +50,16 @@ def test_sft_labels_cover_exactly_the_assistant_tokens(tiny, toy_data, padding_s
 def test_sft_loss_is_target_cross_entropy(tiny, toy_data):
     model, processor = tiny
     records, _ = read_emoset_split(toy_data, "train", limit=2)
-    batch = sft.build_sft_batch(processor, [load_image(toy_data, r) for r in records], ["<answer>awe</answer>", "<answer>fear</answer>"])
+    images = [load_image(toy_data, r) for r in records]
+    batch = sft.build_sft_batch(processor, images, ["<answer>awe</answer>", "<answer>fear</answer>"])
     with torch.no_grad():
         loss = sft.sft_loss(model, batch)
         # reference: full logits, shift by one, mean CE over labelled positions
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         inputs["position_ids"] = vlm.position_ids_from_mask(inputs["attention_mask"])
         logits = model(**inputs).logits[:, :-1]
-        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
@@ -105,7 +107,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, toy_data,
         for r in records:
             f.write(json.dumps({**r, "think": "The background is bright.", "answer": r["label"]}) + "\n")
     common = ["--mode", "cot", "--cot", str(cot), "--model", str(tiny_model_dir), "--data", str(toy_data),
-              "--steps", "6", "--batch-size", "4", "--grad-accum", "2", "--warmup", "2", "--eval-every", "0", "--save-every", "100"]
+              "--steps", "6", "--batch-size", "4", "--grad-accum", "2", "--warmup", "2", "--eval-every", "0",
+              "--save-every", "100"]
     sft.main(common + ["--out", str(tmp_path / "full")])
     sft.main(common + ["--out", str(tmp_path / "split"), "--stop-after", "3"])
     state = torch.load(tmp_path / "split" / "checkpoint" / "trainer_state.pt", weights_only=False)
@@ -203,7 +206,8 @@ def test_confusion_png_has_one_cell_per_class_pair(tmp_path):
 
 def test_plot_curves_draws_only_logged_numeric_keys(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "kl_mean": 0.01 * s, "note": "x"}) + "\n" for s in range(1, 31)))
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "kl_mean": 0.01 * s, "note": "x"}) + "\n"
+                            for s in range(1, 31)))
     keys = evaluation.plot_curves(path, tmp_path / "curves.png")
     assert keys == ["loss", "kl_mean"]
     assert Image.open(tmp_path / "curves.png").size == (900, 160)
@@ -235,6 +239,6 @@ def test_sft_nonfinite_loss_stops_before_the_step(tmp_path, tiny_model_dir, toy_
     real = sft.sft_loss
     monkeypatch.setattr(sft, "sft_loss", lambda model, batch: real(model, batch) * float("nan"))
     with pytest.raises(SystemExit, match="stopped at step 1: non-finite loss"):
-        sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(toy_data), "--out", str(tmp_path / "r"),
-                  "--steps", "2", "--eval-every", "0", "--batch-size", "4"])
+        sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(toy_data),
+                  "--out", str(tmp_path / "r"), "--steps", "2", "--eval-every", "0", "--batch-size", "4"])
     assert not (tmp_path / "r" / "checkpoint").exists()   # nothing written from a poisoned step

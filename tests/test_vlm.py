@@ -72,7 +72,8 @@ def test_logprobs_equal_log_softmax_of_raw_generation_logits(tiny, images):
 def test_logprobs_same_alone_and_in_a_left_padded_batch(tiny, images):
     """Other images, other prompt lengths, G > 1: each row keeps its own image and prompt."""
     model, processor = tiny
-    prompts = [vlm.chat_prompt(processor), vlm.chat_prompt(processor, "Emotion?"), vlm.chat_prompt(processor, "Which emotion, in one word?")]
+    prompts = [vlm.chat_prompt(processor), vlm.chat_prompt(processor, "Emotion?"),
+               vlm.chat_prompt(processor, "Which emotion, in one word?")]
     group = 2
     torch.manual_seed(2)
     batch = vlm.encode_prompts(processor, images, prompts)
@@ -140,5 +141,6 @@ def test_vision_once_per_pass_equals_repeated_images(tiny, images):
     model, processor = tiny
     check_shared_features(model, processor, images[:2], group_size=3)
     torch.manual_seed(0)
-    sampled = vision_rows(model, lambda: vlm.sample_completions(model, processor, images[:2], group_size=3, max_new_tokens=4))
+    sampled = vision_rows(model, lambda: vlm.sample_completions(model, processor, images[:2], group_size=3,
+                                                                max_new_tokens=4))
     assert sampled == 2  # generation encodes the 2 images once for the 6 rows

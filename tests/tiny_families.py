@@ -59,8 +59,9 @@ from vlm import image_only_class  # noqa: E402
 # hex-verified the shipped template (403 chars). Starts with a literal <|im_start|> (the BOS),
 # "Assistant:" has no trailing space or newline.
 SMOLVLM_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}"
-    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
@@ -69,10 +70,11 @@ SMOLVLM_TEMPLATE = (
 # transformers models/smolvlm/processing_smolvlm.py DEFAULT_CHAT_TEMPLATE (the template the
 # SmolVLM2 checkpoints ship; transformers falls back to it when a checkpoint's lacks <video>).
 SMOLVLM2_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}"
-    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}"
+    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 # Qwen/Qwen2-VL-2B-Instruct chat_template.json (Qwen2.5-VL-3B-Instruct ships the same one).
@@ -80,14 +82,15 @@ SMOLVLM2_TEMPLATE = (
 # repos quoting chat_template.json. Injects a default system turn when none is given.
 QWEN2_VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
-    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 QWEN2_5_VL_TEMPLATE = QWEN2_VL_TEMPLATE
 
@@ -95,7 +98,9 @@ QWEN2_5_VL_TEMPLATE = QWEN2_VL_TEMPLATE
 # suite that pins the Qwen3-VL-8B-Instruct template (5292 bytes, SHA-256 3636d0f0...a489e4; checked
 # by tests/test_families_load.py). No <think> is injected (the *Thinking* checkpoints add
 # '<think>\n' after the generation prompt and strip reasoning from earlier assistant turns).
-QWEN3_VL_TEMPLATE = r"""{%- if tools %}
+# Two lines too long for the linter are split into adjacent raw literals; the value is unchanged (its
+# SHA-256 below is checked).
+QWEN3_VL_TEMPLATE = (r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
         {%- if messages[0].content is string %}
@@ -109,12 +114,15 @@ QWEN3_VL_TEMPLATE = r"""{%- if tools %}
         {%- endif %}
         {{- '\n\n' }}
     {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"""
+    r"""You are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
     {%- for tool in tools %}
         {{- "\n" }}
         {{- tool | tojson }}
     {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within """
+    r"""<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, """
+    r"""\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
 {%- else %}
     {%- if messages[0].role == 'system' %}
         {{- '<|im_start|>system\n' }}
@@ -215,7 +223,7 @@ QWEN3_VL_TEMPLATE = r"""{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
-"""
+""")
 QWEN3_VL_TEMPLATE_SHA256 = "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
 
 # OpenGVLab/InternVL3-1B-hf. Source: transformers models/internvl/convert_internvl_weights_to_hf.py
@@ -281,8 +289,9 @@ GEMMA3_TEMPLATE = r"""{{ bos_token }}
 # " [/INST]"), no BOS in the template: the Llama/Mistral tokenizer adds <s> itself. [INST] is plain
 # text in Mistral-7B-Instruct-v0.2's vocabulary, not a special token.
 LLAVA_NEXT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}"
+    "{{ '[INST] ' }}{# Render all images first #}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
     "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
@@ -389,10 +398,11 @@ def build_idefics3():
     tok = family_tokenizer(SMOLVLM_SPECIALS, listed=SMOLVLM_LISTED, **SMOLVLM_ROLES)
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 2 * TILE},
                                                 max_image_size={"longest_edge": TILE})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=(TILE // PATCH) ** 2 // 4,
-                                  chat_template=SMOLVLM_TEMPLATE)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok,
+                                  image_seq_len=(TILE // PATCH) ** 2 // 4, chat_template=SMOLVLM_TEMPLATE)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = Idefics3Config(text_config=_llama_text(tok, **ids), scale_factor=2, image_token_id=processor.image_token_id,
+    config = Idefics3Config(text_config=_llama_text(tok, **ids), scale_factor=2,
+                            image_token_id=processor.image_token_id,
                             vision_config=dict(**VISION, image_size=TILE, patch_size=PATCH), tie_word_embeddings=True)
     # SmolVLM generation_config: eos <end_of_utterance>, pad <|im_end|>
     return Idefics3ForConditionalGeneration(config), processor, ids
@@ -452,7 +462,8 @@ def build_qwen2_vl():
                                  chat_template=QWEN2_VL_TEMPLATE)
     config = Qwen2VLConfig(text_config=_qwen_text(tok, [2, 3, 3]), **_qwen_vision_ids(tok), tie_word_embeddings=True,
                            vision_config=dict(depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2,
-                                              mlp_ratio=2, patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2))
+                                              mlp_ratio=2, patch_size=PATCH, spatial_merge_size=2,
+                                              temporal_patch_size=2))
     return Qwen2VLForConditionalGeneration(config), processor, _qwen_ids(tok)
 
 
@@ -466,8 +477,9 @@ def build_qwen2_5_vl():
                                     chat_template=QWEN2_5_VL_TEMPLATE)
     config = Qwen2_5_VLConfig(text_config=_qwen_text(tok, [2, 3, 3]), **_qwen_vision_ids(tok), tie_word_embeddings=True,
                               vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                                 out_hidden_size=TEXT["hidden_size"], patch_size=PATCH, window_size=4 * PATCH,
-                                                 fullatt_block_indexes=[1], spatial_merge_size=2, temporal_patch_size=2))
+                                                 out_hidden_size=TEXT["hidden_size"], patch_size=PATCH,
+                                                 window_size=4 * PATCH, fullatt_block_indexes=[1],
+                                                 spatial_merge_size=2, temporal_patch_size=2))
     return Qwen2_5_VLForConditionalGeneration(config), processor, _qwen_ids(tok)
 
 
@@ -477,13 +489,16 @@ def build_qwen3_vl():
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
     tok = family_tokenizer(QWEN_SPECIALS, listed=QWEN_LISTED, **QWEN_ROLES)
-    processor = image_only_class(Qwen3VLProcessor)(image_processor=_qwen_image_processor(image_mean=[0.5] * 3, image_std=[0.5] * 3),
-                                 tokenizer=tok, chat_template=QWEN3_VL_TEMPLATE)
-    text = _qwen_text(tok, [4, 2, 2], mrope_interleaved=True) | dict(head_dim=TEXT["hidden_size"] // TEXT["num_attention_heads"])
+    image_processor = _qwen_image_processor(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = image_only_class(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tok,
+                                                   chat_template=QWEN3_VL_TEMPLATE)
+    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+    text = _qwen_text(tok, [4, 2, 2], mrope_interleaved=True) | dict(head_dim=head_dim)
     config = Qwen3VLConfig(text_config=text, **_qwen_vision_ids(tok), tie_word_embeddings=True,
                            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                              out_hidden_size=TEXT["hidden_size"], patch_size=PATCH, num_position_embeddings=16,
-                                              deepstack_visual_indexes=[0], spatial_merge_size=2, temporal_patch_size=2))
+                                              out_hidden_size=TEXT["hidden_size"], patch_size=PATCH,
+                                              num_position_embeddings=16, deepstack_visual_indexes=[0],
+                                              spatial_merge_size=2, temporal_patch_size=2))
     return Qwen3VLForConditionalGeneration(config), processor, _qwen_ids(tok)
 
 
@@ -524,10 +539,11 @@ def build_gemma3():
     ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     text = dict(vocab_size=len(tok), **TEXT, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
                 layer_types=["sliding_attention", "full_attention"], **ids)
+    image_ids = token_ids(tok, ("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
+                          ("image_token_index", "<image_soft_token>"))
     config = Gemma3Config(text_config=text, mm_tokens_per_image=4,
                           vision_config=dict(**VISION, image_size=TILE, patch_size=PATCH, vision_use_head=False),
-                          **token_ids(tok, ("boi_token_index", "<start_of_image>"), ("eoi_token_index", "<end_of_image>"),
-                                      ("image_token_index", "<image_soft_token>")))
+                          **image_ids)
     # gemma-3-4b-it generation_config: eos [<eos>, <end_of_turn>], pad <pad>, bos <bos>
     gen = dict(ids, eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")])
     return Gemma3ForConditionalGeneration(config), processor, gen
@@ -543,14 +559,16 @@ def build_llava_next():
     tok = family_tokenizer(LLAVA_NEXT_SPECIALS, bos_first="<s>", extra_special_tokens={"image_token": "<image>"},
                            **LLAVA_NEXT_ROLES)
     pinpoints = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE]]
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE},
+                                                 crop_size={"height": TILE, "width": TILE},
                                                  image_grid_pinpoints=pinpoints)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=16,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=LLAVA_NEXT_TEMPLATE)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text = dict(model_type="mistral", vocab_size=len(tok), **TEXT, sliding_window=None, **ids)
-    config = LlavaNextConfig(text_config=text, image_token_index=processor.image_token_id, image_grid_pinpoints=pinpoints,
+    config = LlavaNextConfig(text_config=text, image_token_index=processor.image_token_id,
+                             image_grid_pinpoints=pinpoints,
                              vision_feature_layer=-2, vision_feature_select_strategy="default",
                              vision_config=dict(model_type="clip_vision_model", **(VISION | dict(num_hidden_layers=2)),
                                                 image_size=TILE, patch_size=16, projection_dim=32),
@@ -567,7 +585,8 @@ def build_llava_onevision():
     tok = family_tokenizer(ONEVISION_SPECIALS, listed=["<|im_start|>", "<|im_end|>"],
                            extra_special_tokens={"image_token": "<image>", "video_token": "<video>"}, **QWEN_ROLES)
     pinpoints = [[TILE * i, TILE * j] for i in (1, 2) for j in (1, 2)]
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=pinpoints)
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE},
+                                                      image_grid_pinpoints=pinpoints)
     processor = image_only_class(LlavaOnevisionProcessor)(image_processor=image_processor, tokenizer=tok,
                                         num_image_tokens=(TILE // 16) ** 2, vision_feature_select_strategy="full",
                                         vision_aspect_ratio="anyres_max_9", chat_template=LLAVA_ONEVISION_TEMPLATE)
@@ -634,7 +653,6 @@ def main(argv=None) -> None:
     import tempfile
 
     import torch
-    from transformers import AutoModelForImageTextToText
 
     sys.path.insert(0, str(ROOT))
     import vlm

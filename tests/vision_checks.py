@@ -82,6 +82,7 @@ def check_shared_features(model, processor, images, group_size=3, tokens=6, tol=
     got = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     model.zero_grad(set_to_none=True)
     tower = {id(p) for p in vision_tower(model).parameters()}
-    assert any(id(p) in tower and g.abs().sum() > 0 for p, g in zip(params, got)), "no gradient reached the vision tower"
+    assert any(id(p) in tower and g.abs().sum() > 0 for p, g in zip(params, got)), \
+        "no gradient reached the vision tower"
     for p, a, b in zip(params, got, expected):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), f"gradient differs by {(a - b).abs().max().item()}"
