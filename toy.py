@@ -364,7 +364,8 @@ class ToyTeacher:
         """With probability error_rate, misperceive one fact: the background, the colour or
         (counting rule) the count, off by one."""
         if rng.random() < self.error_rate:
-            fact = rng.randrange(2 if count is None else 3)
+            # (the two-fact draw is the one the demo's COT data was built with; keep it)
+            fact = (0 if rng.random() < 0.5 else 1) if count is None else rng.randrange(3)
             if fact == 0:
                 background = "dark" if background == "bright" else "bright"
             elif fact == 1:
