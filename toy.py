@@ -450,15 +450,16 @@ TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    image_size=IMAGE_SIZE, patch_size=8)
 
 
-def tokenizer_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: the prompt, labels and every teacher phrasing."""
+def tokenizer_corpus(rules: tuple[str, ...] = RULES) -> list[str]:
+    """Text the tiny tokenizer is trained on: the prompt, labels and every teacher phrasing of
+    the given rules ("colour": easy/demo, "count": hard)."""
     corpus = [INSTRUCTION, "User:", "Assistant:"]
     for (background, color), emotion in TOY_TABLE.items():
         for style in STYLES:
             for shape in SHAPES:
                 corpus.append(cot_target(reasoning_for(style, background, color, shape, emotion), emotion))
         corpus.append(f"<answer>{emotion}</answer>")
-    for background in ("bright", "dark"):
+    for background in ("bright", "dark") if "count" in rules else ():
         for color in COLOR_WHEEL:
             for count in range(1, 5):
                 emotion = counting_rule(background, color, count)
