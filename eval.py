@@ -285,7 +285,7 @@ def curves_side_by_side_png(runs: dict[str, list[str | os.PathLike]], path: str 
     series = {name: [list(read_jsonl(f)) for f in files] for name, files in runs.items()}
     keys = [k for k in (keys or SIDE_BY_SIDE_KEYS)
             if any(isinstance(r.get(k), (int, float)) for logs in series.values() for log in logs for r in log)]
-    w, h, left, top = 260, 120, 60, 20
+    w, h, left, top = 260, 120, 95, 20
     img = Image.new("RGB", (left + w * len(runs) + 10, top + h * len(keys) + 10), "white")
     draw = ImageDraw.Draw(img)
     for j, name in enumerate(runs):
@@ -297,10 +297,9 @@ def curves_side_by_side_png(runs: dict[str, list[str | os.PathLike]], path: str 
         lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
         hi = hi if hi > lo else lo + 1.0
         y0 = top + i * h
-        draw.text((2, y0 + 2), key[:10], fill="black")
-        draw.text((2, y0 + 14), key[10:20], fill="black")
-        draw.text((2, y0 + 30), f"{hi:.3g}", fill="gray")
-        draw.text((2, y0 + h - 22), f"{lo:.3g}", fill="gray")
+        draw.text((2, y0 + 8), key[:15], fill="black")
+        draw.text((2, y0 + 24), f"max {hi:.3g}", fill="gray")
+        draw.text((2, y0 + h - 22), f"min {lo:.3g}", fill="gray")
         for j, name in enumerate(runs):
             box = (left + j * w + 5, y0 + 4, left + (j + 1) * w - 5, y0 + h - 8)
             draw.rectangle(box, outline=(180, 180, 180))

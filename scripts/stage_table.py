@@ -6,8 +6,9 @@ Each RUN_DIR is one seed's `demo.sh` output folder: `eval/results.json` (one row
 each row names its run folder, whose `metrics.jsonl` holds the training log) and
 `data/toy_info.json` (the label noise, hence the ceiling). Writes to DIR: `stage_table.md`,
 `stage_table.json`, `stage_bars.png` (test accuracy, mean +- std, one dot per seed, the ceiling
-dashed) and `stage_curves.png` (the RL stages' training curves side by side, every seed faint,
-their mean bold).
+dashed), `stage_curves.png` (the RL stages' training curves side by side, every seed faint,
+their mean bold) and `sft_curves.png` (the same for the baseline's and stage 1's validation
+accuracy and loss).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="folder for stage_table.md/.json, stage_bars.png, stage_curves.png")
     p.add_argument("--curves", nargs="+", default=["stage2_format", "stage3_format_acc", "stage4_clgrpo"],
                    help="rows whose training curves go side by side")
+    p.add_argument("--sft-curves", nargs="+", default=["baseline", "stage1_sft"],
+                   help="rows whose validation accuracy and loss go side by side in sft_curves.png")
     args = p.parse_args(argv)
     per_seed, ceilings, logs = [], [], {}
     for run in map(Path, args.runs):
@@ -99,6 +102,9 @@ def main(argv=None) -> None:
     curves = {n: [f for f in logs[n] if f.exists()] for n in args.curves if n in logs}
     if curves:
         evaluation.curves_side_by_side_png(curves, out / "stage_curves.png")
+    sft = {n: [f for f in logs[n] if f.exists()] for n in args.sft_curves if n in logs}
+    if sft:  # is the label baseline flat, and where is COT SFT, step by step
+        evaluation.curves_side_by_side_png(sft, out / "sft_curves.png", ["val_accuracy", "val_format_rate", "loss"])
     print(table)
 
 

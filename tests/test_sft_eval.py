@@ -265,7 +265,7 @@ def test_curves_side_by_side_one_column_per_run_shared_rows(tmp_path):
         runs[name] = files
     keys = evaluation.curves_side_by_side_png(runs, tmp_path / "side.png")
     assert keys == ["reward_accuracy", "kl_mean", "frac_zero_std"]  # unlogged keys are left out
-    assert Image.open(tmp_path / "side.png").size == (60 + 2 * 260 + 10, 20 + 3 * 120 + 10)
+    assert Image.open(tmp_path / "side.png").size == (95 + 2 * 260 + 10, 20 + 3 * 120 + 10)
 
 
 def test_stage_table_mean_std_zero_std_and_ceiling():
