@@ -9,6 +9,13 @@ a fixed function of two visible attributes of the image: background brightness (
 are positive, dark ones negative, as valence is in EmoSet) and the colour of the largest shape.
 The shape itself is decoration, so reasoning can mention it without it deciding anything.
 
+The `hard` setting has its own rule, over three visible facts: the background, the colour of the
+largest object, and how many objects there are (1-4, never touching). Step round the colour wheel
+red -> yellow -> green -> blue -> red as many places as there are objects, starting at the
+largest object's colour; the colour you land on, with the background, decides the emotion through
+the same table. A one-glance classifier must learn colour, counting and the wheel from the label
+alone; a reasoner that states the facts one by one only has to see them.
+
 Toy teachers stand in for the 7B+ teacher VLMs of the paper: they *look at the pixels* (not at
 the annotation), describe what they see in their own words, and err at their own rates, so the
 COT builder's filtering and voting have real work to do.
@@ -42,14 +49,16 @@ assert sorted(TOY_TABLE.values()) == sorted(EMOTIONS)
 
 # Difficulty knobs. `easy`: a big centred shape, clear background (a tiny model learns it in a few
 # hundred SFT steps). `demo`: position/size jitter, distractors, closer brightness ranges, colour
-# jitter and 5% label noise: room for the stages to differ. `hard`: more of all of it.
+# jitter and 5% label noise. `hard`: the counting rule, with 5% label noise.
 DIFFICULTIES = {
     "easy": dict(size=(18, 22), jitter=0, distractors=(0, 0), distractor_scale=(0.3, 0.5), bright=(190, 240), dark=(15, 60),
                  color_jitter=0, label_noise=0.0),
     "demo": dict(size=(8, 15), jitter=18, distractors=(1, 3), distractor_scale=(0.4, 0.6), bright=(132, 225),
                  dark=(30, 124), color_jitter=35, label_noise=0.05),
-    "hard": dict(size=(7, 13), jitter=20, distractors=(2, 4), distractor_scale=(0.5, 0.65), bright=(130, 210),
-                 dark=(45, 126), color_jitter=45, label_noise=0.10),
+    # The counting rule (see the module docstring). Objects never touch, so they can be counted;
+    # the others are at most 0.7 of the largest one's radius, so "the largest" is unambiguous.
+    "hard": dict(rule="count", size=(7, 10), objects=(1, 4), other_scale=(0.5, 0.7), bright=(140, 225),
+                 dark=(30, 115), color_jitter=25, label_noise=0.05),
 }
 DEFAULT_SPLIT_SIZES = {"train": 2000, "val": 200, "test": 400}
 
@@ -99,6 +108,67 @@ def draw_toy_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict
     return img, attrs
 
 
+COLOR_WHEEL = tuple(COLORS)  # red -> yellow -> green -> blue -> red
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+def landing_color(largest_color: str, count: int) -> str:
+    """The counting rule's middle step: `count` places round the colour wheel from `largest_color`."""
+    return COLOR_WHEEL[(COLOR_WHEEL.index(largest_color) + count) % len(COLOR_WHEEL)]
+
+
+def counting_rule(background: str, largest_color: str, count: int) -> str:
+    """The `hard` rule: the emotion of (background, landing colour) in TOY_TABLE."""
+    return TOY_TABLE[(background, landing_color(largest_color, count))]
+
+
+def _reach(r: float) -> float:
+    """How far a shape of radius r reaches from its centre (the triangle reaches furthest)."""
+    return 1.75 * r  # the triangle's base corners are 1.73 r out
+
+
+def draw_counting_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict]:
+    """Draw one `hard` image: 1-4 shapes that never touch, the first one the largest."""
+    background = rng.choice(("bright", "dark"))
+    level = rng.randint(*knobs[background])
+    count = rng.randint(*knobs["objects"])
+    color = rng.choice(COLOR_WHEEL)
+    r_main = rng.uniform(*knobs["size"])
+    radii = [r_main] + [r_main * rng.uniform(*knobs["other_scale"]) for _ in range(count - 1)]
+    while True:  # rejection sampling of a layout where no two shapes come within 2 px
+        centers = []
+        for r in radii:
+            for _ in range(200):
+                c = (rng.uniform(_reach(r) + 1, IMAGE_SIZE - _reach(r) - 1), rng.uniform(_reach(r) + 1, IMAGE_SIZE - _reach(r) - 1))
+                if all(np.hypot(c[0] - o[0], c[1] - o[1]) >= _reach(r) + _reach(ro) + 2 for o, ro in zip(centers, radii)):
+                    centers.append(c)
+                    break
+            else:
+                break
+        if len(centers) == count:
+            break
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (level, level, level))
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for i, (r, (cx, cy)) in enumerate(zip(radii, centers)):
+        # the others take any colour but the largest one's, so its colour is never ambiguous
+        c = color if i == 0 else rng.choice([k for k in COLOR_WHEEL if k != color])
+        o = dict(shape=rng.choice(SHAPES), color=c, size=round(r, 1), center=[round(cx, 1), round(cy, 1)])
+        _draw_shape(draw, o["shape"], cx, cy, r, _jittered(COLORS[c], knobs["color_jitter"], rng))
+        objects.append(o)
+    attrs = dict(background=background, background_level=level, color=color, shape=objects[0]["shape"],
+                 size=objects[0]["size"], center=objects[0]["center"], count=count,
+                 landing_color=landing_color(color, count), distractors=objects[1:])
+    return img, attrs
+
+
+def rule_emotion_of(attrs: dict) -> str:
+    """The emotion the pixels decide, under the rule of the attributes' difficulty."""
+    if "count" in attrs:
+        return counting_rule(attrs["background"], attrs["color"], attrs["count"])
+    return TOY_TABLE[(attrs["background"], attrs["color"])]
+
+
 def write_toy_dataset(out: str | Path, difficulty: str = "easy", seed: int = 0,
                       sizes: dict | None = None) -> dict:
     """Write a toy dataset in EmoSet's layout; deterministic for a given (difficulty, seed, sizes).
@@ -116,8 +186,9 @@ def write_toy_dataset(out: str | Path, difficulty: str = "easy", seed: int = 0,
         rng = random.Random(f"toy-emoset:{seed}:{difficulty}:{split}")  # string seeds are stable
         entries, noisy = [], 0
         for _ in range(sizes[split]):
-            img, attrs = draw_toy_example(rng, knobs)
-            rule_emotion = TOY_TABLE[(attrs["background"], attrs["color"])]
+            draw = draw_counting_example if knobs.get("rule") == "count" else draw_toy_example
+            img, attrs = draw(rng, knobs)
+            rule_emotion = rule_emotion_of(attrs)
             label = rule_emotion
             if rng.random() < knobs["label_noise"]:
                 label = rng.choice([e for e in EMOTIONS if e != rule_emotion])
@@ -143,20 +214,48 @@ def write_toy_dataset(out: str | Path, difficulty: str = "easy", seed: int = 0,
 # ---------------------------------------------------------------------------------------------
 # Perception: what a toy teacher "sees" in the pixels
 # ---------------------------------------------------------------------------------------------
+def _components(mask: np.ndarray, min_pixels: int = 6) -> list[np.ndarray]:
+    """4-connected components of a boolean mask (flat pixel indices), largest first; specks of
+    fewer than `min_pixels` pixels are not objects."""
+    h, w = mask.shape
+    todo = mask.ravel().copy()
+    found = []
+    for start in np.flatnonzero(todo):
+        if not todo[start]:
+            continue
+        todo[start] = False
+        stack, pixels = [start], []
+        while stack:
+            i = stack.pop()
+            pixels.append(i)
+            y, x = divmod(i, w)
+            for j, ok in ((i - w, y > 0), (i + w, y < h - 1), (i - 1, x > 0), (i + 1, x < w - 1)):
+                if ok and todo[j]:
+                    todo[j] = False
+                    stack.append(j)
+        if len(pixels) >= min_pixels:
+            found.append(np.array(pixels))
+    return sorted(found, key=len, reverse=True)
+
+
 def perceive(img: Image.Image) -> dict:
-    """Background brightness, the colour covering most pixels, and a guess of its shape.
+    """What the pixels show: background brightness, the colour covering most pixels and a guess
+    of its shape (the demo rule's facts), the number of separate objects and the colour of the
+    largest one (the counting rule's facts).
 
     Unsaturated pixels are background; saturated ones are assigned to the nearest colour
-    prototype and counted. The shape is guessed from how much of its bounding box the largest
-    colour fills (square ~1.0, circle ~0.79, triangle ~0.5)."""
+    prototype. The shape is guessed from how much of its bounding box the largest colour fills
+    (square ~1.0, circle ~0.79, triangle ~0.5). Objects are 4-connected groups of saturated
+    pixels (the `hard` images never let two objects touch)."""
     a = np.asarray(img.convert("RGB"), dtype=np.int32)
     saturation = a.max(-1) - a.min(-1)
     is_object = saturation > 60
     bg = a[~is_object].mean() if (~is_object).any() else 128.0
+    background = "bright" if bg >= 128 else "dark"
     protos = np.array(list(COLORS.values()))
     obj = a[is_object]
     if len(obj) == 0:
-        return {"background": "bright" if bg >= 128 else "dark", "color": None, "shape": None}
+        return {"background": background, "color": None, "shape": None, "count": 0, "largest_color": None}
     nearest = ((obj[:, None, :] - protos[None]) ** 2).sum(-1).argmin(1)
     counts = np.bincount(nearest, minlength=len(protos))
     winner = int(counts.argmax())
@@ -166,7 +265,14 @@ def perceive(img: Image.Image) -> dict:
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / max(1, (np.ptp(ys) + 1) * (np.ptp(xs) + 1))
     shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
-    return {"background": "bright" if bg >= 128 else "dark", "color": list(COLORS)[winner], "shape": shape}
+    objects = _components(is_object)
+    largest_color = None
+    if objects:
+        label_of = np.full(a.shape[:2], -1).ravel()
+        label_of[np.flatnonzero(is_object)] = nearest
+        largest_color = list(COLORS)[int(np.bincount(label_of[objects[0]], minlength=len(protos)).argmax())]
+    return {"background": background, "color": list(COLORS)[winner], "shape": shape, "count": len(objects),
+            "largest_color": largest_color}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,59 +286,116 @@ STYLES = {
                 "{valence} mood from the {bg_word} tone, and {color} points to {emotion}."),
     "terse": "{bg_word} background, {color} {shape}. So {emotion}.",
 }
+# The counting rule's reasoning states every fact it uses (background, largest colour, count) and
+# the step that combines them, so a student that imitates it is told what to look at.
+COUNT_STYLES = {
+    "describer": ("The background is {bg_word}. The largest object is a {color} {shape}. I count {count_word} objects. "
+                  "{count_cap} steps from {color} is {landing}. A {bg_word} scene with {landing} suggests {emotion}."),
+    "counter": ("Counting the shapes: {count_word}. The biggest is {color}, on a {bg_word} backdrop. "
+                "{color} plus {count} is {landing}, and {landing} in a {valence} mood means {emotion}."),
+    "terse": "{bg_word} background, {color} largest, count {count}, so {landing}. So {emotion}.",
+}
 BG_WORDS = {"describer": ("bright", "dark"), "counter": ("light", "dim"), "terse": ("sunny", "gloomy")}
+NUMBER_WORDS = {**{w: n for n, w in enumerate(COUNT_WORDS)}, **{str(n): n for n in range(len(COUNT_WORDS))}}
 
 
-def reasoning_for(style: str, background: str, color: str, shape: str | None, emotion: str) -> str:
+def reasoning_for(style: str, background: str, color: str, shape: str | None, emotion: str,
+                  count: int | None = None) -> str:
+    """A teacher's reasoning in its own words: the demo rule's facts, or with `count` the
+    counting rule's (the landing colour follows from colour and count)."""
     bg_word = BG_WORDS[style][0 if background == "bright" else 1]
     valence = "Positive" if background == "bright" else "Negative"
-    return STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion, valence=valence)
+    if count is None:
+        return STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion, valence=valence)
+    return COUNT_STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
+                                      valence=valence.lower(), count=count, count_word=COUNT_WORDS[count],
+                                      count_cap=COUNT_WORDS[count].capitalize(), landing=landing_color(color, count))
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().replace(",", " ").replace(".", " ").replace(":", " ").split()
 
 
 def attributes_from_text(text: str) -> tuple[str | None, str | None]:
     """Read (background, colour) back from any teacher's reasoning text (first mention wins)."""
-    words = text.lower().replace(",", " ").replace(".", " ").split()
+    words = _words(text)
     background = next((BRIGHT_WORDS[w] for w in words if w in BRIGHT_WORDS), None)
     color = next((w for w in words if w in COLORS), None)
     return background, color
 
 
+def facts_from_text(text: str) -> tuple[str | None, str | None, int | None]:
+    """Read (background, largest colour, count) back from counting-rule reasoning (first mention
+    of each wins; the landing colour comes after the largest one in every style)."""
+    background, color = attributes_from_text(text)
+    count = next((NUMBER_WORDS[w] for w in _words(text) if w in NUMBER_WORDS), None)
+    return background, color, count
+
+
+RULES = ("colour", "count")
+
+
 class ToyTeacher:
     """A pixel-reading stand-in for a 7B+ teacher VLM.
 
-    `error_rate`: chance of misperceiving one attribute (hence a wrong, but self-consistent,
-    answer); `malformed_rate`: chance of a reply without the required tags. Errors are a
-    deterministic function of (teacher, image id, call kind) so reruns and resumes agree."""
+    `name` is a style (describer, counter, terse), optionally followed by `:hard` for the
+    counting rule of `toy.py data --difficulty hard` (cot_builder's `toy:describer:hard`).
+    `error_rate`: chance of misperceiving one fact (hence a wrong, but self-consistent, answer);
+    `malformed_rate`: chance of a reply without the required tags. Errors are a deterministic
+    function of (teacher, image id, call kind) so reruns and resumes agree."""
 
     def __init__(self, name: str, style: str | None = None, error_rate: float | None = None,
                  malformed_rate: float = 0.02, seed: int = 0):
         presets = {"describer": 0.10, "counter": 0.20, "terse": 0.35}
+        base, _, variant = name.partition(":")
+        if variant not in ("", "hard"):
+            raise ValueError(f"toy teacher {name!r}: expected NAME or NAME:hard")
+        self.rule = "count" if variant == "hard" else "colour"
         self.name = f"toy:{name}"
-        self.style = style or (name if name in STYLES else "describer")
-        self.error_rate = presets.get(name, 0.2) if error_rate is None else error_rate
+        self.style = style or (base if base in STYLES else "describer")
+        self.error_rate = presets.get(base, 0.2) if error_rate is None else error_rate
         self.malformed_rate = malformed_rate
         self.seed = seed
 
     def _rng(self, key: str) -> random.Random:
         return random.Random(zlib.crc32(f"{self.name}:{self.seed}:{key}".encode()))
 
-    def _maybe_err(self, rng: random.Random, background: str, color: str | None):
+    def _maybe_err(self, rng: random.Random, background: str, color: str | None, count: int | None = None):
+        """With probability error_rate, misperceive one fact: the background, the colour or
+        (counting rule) the count, off by one."""
         if rng.random() < self.error_rate:
-            if rng.random() < 0.5:
+            # (the two-fact draw is the one the demo's COT data was built with; keep it)
+            fact = (0 if rng.random() < 0.5 else 1) if count is None else rng.randrange(3)
+            if fact == 0:
                 background = "dark" if background == "bright" else "bright"
-            else:
+            elif fact == 1:
                 color = rng.choice([c for c in COLORS if c != color])
-        return background, color
+            else:
+                count = count + 1 if count <= 1 or (count < 4 and rng.random() < 0.5) else count - 1
+        return background, color, count
+
+    def _facts(self, rng: random.Random, img: Image.Image):
+        """(background, colour, count or None, shape) as this teacher sees them, errors included."""
+        seen = perceive(img)
+        if self.rule == "count":
+            color = seen["largest_color"] or rng.choice(list(COLORS))
+            background, color, count = self._maybe_err(rng, seen["background"], color, max(1, seen["count"]))
+        else:
+            color = seen["color"] or rng.choice(list(COLORS))
+            background, color, count = self._maybe_err(rng, seen["background"], color)
+        return background, color, count, seen["shape"]
+
+    def _emotion(self, background: str, color: str, count: int | None) -> str:
+        return TOY_TABLE[(background, color)] if count is None else counting_rule(background, color, count)
 
     def blind(self, items: list[tuple[str, Image.Image]]) -> list[str]:
         """COT answers for (id, image) pairs, without seeing the labels."""
         replies = []
         for image_id, img in items:
             rng = self._rng(f"blind:{image_id}")
-            seen = perceive(img)
-            background, color = self._maybe_err(rng, seen["background"], seen["color"] or rng.choice(list(COLORS)))
-            emotion = TOY_TABLE[(background, color)]
-            think = reasoning_for(self.style, background, color, seen["shape"], emotion)
+            background, color, count, shape = self._facts(rng, img)
+            emotion = self._emotion(background, color, count)
+            think = reasoning_for(self.style, background, color, shape, emotion, count)
             if rng.random() < self.malformed_rate:
                 replies.append(f"{think} Answer: {emotion}")  # forgot the tags
             else:
@@ -244,21 +407,26 @@ class ToyTeacher:
         replies = []
         for key, think in items:
             rng = self._rng(f"check:{key}")
-            background, color = attributes_from_text(think)
-            if background is None or color is None:
+            background, color, count = facts_from_text(think)
+            if background is None or color is None or (self.rule == "count" and not count):
                 replies.append("<answer>unclear</answer>")
                 continue
-            background, color = self._maybe_err(rng, background, color)
-            replies.append(f"<answer>{TOY_TABLE[(background, color)]}</answer>")
+            background, color, count = self._maybe_err(rng, background, color, count if self.rule == "count" else None)
+            replies.append(f"<answer>{self._emotion(background, color, count)}</answer>")
         return replies
 
     def hinted(self, items: list[tuple[str, Image.Image, str]]) -> list[str]:
-        """Told the label, produce reasoning that leads to it (rationalization)."""
+        """Told the label, produce reasoning that leads to it (rationalization): under the
+        counting rule it keeps the count it sees and names the colour the label needs."""
         replies = []
         for image_id, img, label in items:
             seen = perceive(img)
             background, color = ATTRIBUTES_OF[label]
-            replies.append(cot_target(reasoning_for(self.style, background, color, seen["shape"], label), label))
+            count = None
+            if self.rule == "count":
+                count = max(1, seen["count"])
+                color = COLOR_WHEEL[(COLOR_WHEEL.index(color) - count) % len(COLOR_WHEEL)]
+            replies.append(cot_target(reasoning_for(self.style, background, color, seen["shape"], label, count), label))
         return replies
 
 
@@ -282,14 +450,22 @@ TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    image_size=IMAGE_SIZE, patch_size=8)
 
 
-def tokenizer_corpus() -> list[str]:
-    """Text the tiny tokenizer is trained on: the prompt, labels and every teacher phrasing."""
+def tokenizer_corpus(rules: tuple[str, ...] = RULES) -> list[str]:
+    """Text the tiny tokenizer is trained on: the prompt, labels and every teacher phrasing of
+    the given rules ("colour": easy/demo, "count": hard)."""
     corpus = [INSTRUCTION, "User:", "Assistant:"]
     for (background, color), emotion in TOY_TABLE.items():
         for style in STYLES:
             for shape in SHAPES:
                 corpus.append(cot_target(reasoning_for(style, background, color, shape, emotion), emotion))
         corpus.append(f"<answer>{emotion}</answer>")
+    for background in ("bright", "dark") if "count" in rules else ():
+        for color in COLOR_WHEEL:
+            for count in range(1, 5):
+                emotion = counting_rule(background, color, count)
+                for style in COUNT_STYLES:  # one shape each, so the demo phrasing keeps its weight in BPE
+                    shape = SHAPES[(count + COLOR_WHEEL.index(color)) % len(SHAPES)]
+                    corpus.append(cot_target(reasoning_for(style, background, color, shape, emotion, count), emotion))
     return corpus * 4
 
 

@@ -242,3 +242,60 @@ def test_sft_nonfinite_loss_stops_before_the_step(tmp_path, tiny_model_dir, toy_
         sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(toy_data),
                   "--out", str(tmp_path / "r"), "--steps", "2", "--eval-every", "0", "--batch-size", "4"])
     assert not (tmp_path / "r" / "checkpoint").exists()   # nothing written from a poisoned step
+
+
+def test_bar_chart_bars_error_bars_and_reference_line(tmp_path):
+    rows = {"baseline": [40.0, 50.0, 60.0], "stage4": [80.0, 80.0, 80.0]}
+    img = evaluation.bar_chart_png(rows, tmp_path / "bars.png", "t", reference=("ceiling", 95.0))
+    assert Image.open(tmp_path / "bars.png").size == img.size
+    px = img.convert("RGB")
+    # geometry of bar_chart_png: y = top + plot_h - v / y_max * plot_h, y_max = 1.08 * max drawn value
+    top, plot_h, left, gap, bar_w = 40, 300, 50, 22, 56
+    y_max = 95.0 * 1.08
+    y_of = lambda v: round(top + plot_h - v / y_max * plot_h)  # noqa: E731
+    x_bar = lambda i: left + gap + i * (bar_w + gap)  # noqa: E731
+    assert px.getpixel((x_bar(0) + 3, y_of(49))) == evaluation.BAR_COLORS[0]     # bar up to the mean 50
+    assert px.getpixel((x_bar(0) + 3, y_of(52))) == (255, 255, 255)              # and not beyond it
+    assert px.getpixel((x_bar(1) + 3, y_of(79))) == evaluation.BAR_COLORS[1]
+    xc = x_bar(0) + bar_w // 2
+    assert px.getpixel((xc, y_of(58))) == (0, 0, 0)                               # error bar reaches 50 + std 10
+    assert px.getpixel((xc, y_of(62))) != (0, 0, 0)
+    assert px.getpixel((x_bar(1) + bar_w // 2, y_of(85))) != (0, 0, 0)            # std 0: no error bar
+    assert (200, 0, 0) in {px.getpixel((x, y_of(95.0))) for x in range(left, left + 10)}  # dashed ceiling
+    with pytest.raises(ValueError, match="at least one value"):
+        evaluation.bar_chart_png({"empty": []}, tmp_path / "x.png")
+
+
+def test_curves_side_by_side_one_column_per_run_shared_rows(tmp_path):
+    runs = {}
+    for name, zero in (("stage2", 0.9), ("stage3", 0.5)):
+        files = []
+        for seed in range(2):
+            f = tmp_path / f"{name}_{seed}.jsonl"
+            f.write_text("".join(json.dumps({"step": s, "frac_zero_std": zero, "kl_mean": 0.001 * s * (seed + 1),
+                                             **({"reward_accuracy": 0.5} if name == "stage3" else {})}) + "\n"
+                                 for s in range(1, 11)))
+            files.append(f)
+        runs[name] = files
+    keys = evaluation.curves_side_by_side_png(runs, tmp_path / "side.png")
+    assert keys == ["reward_accuracy", "kl_mean", "frac_zero_std"]  # unlogged keys are left out
+    assert Image.open(tmp_path / "side.png").size == (95 + 2 * 260 + 10, 20 + 3 * 120 + 10)
+
+
+def test_stage_table_mean_std_zero_std_and_ceiling():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import stage_table
+
+    per_seed = [{"baseline": {"accuracy": 0.5, "zero_std": None}, "stage3": {"accuracy": 0.7, "zero_std": 0.2}},
+                {"baseline": {"accuracy": 0.6, "zero_std": None}, "stage3": {"accuracy": 0.9, "zero_std": 0.4}}]
+    rows = stage_table.stage_rows(per_seed)
+    assert rows["stage3"] == {"accuracy": [0.7, 0.9], "zero_std": [0.2, 0.4]}
+    assert "zero_std" not in rows["baseline"]
+    table = stage_table.markdown(rows, [0.95, 0.96])
+    # stage3: mean 80.0, sample std of (70, 90) = 14.1; zero-std mean 30.0 +- 14.1
+    assert "| stage3 | 2 | 80.0 +- 14.1 | - | - | - | 30.0 +- 14.1 | 70.0, 90.0 |" in table
+    assert "| baseline | 2 | 55.0 +- 7.1 | - | - | - | - | 50.0, 60.0 |" in table
+    assert stage_table.ceiling_of({"splits": {"test": {"n": 400, "noisy_labels": 18}}}) == pytest.approx(0.955)
+    assert stage_table.zero_std_share([{"frac_zero_std": 1.0}, {"loss": 2.0}, {"frac_zero_std": 0.5}]) == 0.75

@@ -6,6 +6,7 @@ import pytest
 
 import toy
 from data import load_image, read_annotation, read_emoset_split
+from rewards import parse_answer
 
 SIZES = {"train": 12, "val": 4, "test": 4}
 
@@ -47,3 +48,110 @@ def test_teacher_reasoning_round_trips_to_attributes():
         for style in toy.STYLES:
             think = toy.reasoning_for(style, background, color, "circle", emotion)
             assert toy.attributes_from_text(think) == (background, color)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `hard` toy: the counting rule
+# ---------------------------------------------------------------------------------------------
+HARD_SIZES = {"train": 40, "val": 4, "test": 4}
+
+
+@pytest.fixture(scope="module")
+def hard_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hard")
+    toy.write_toy_dataset(root, "hard", seed=0, sizes=HARD_SIZES)
+    return root
+
+
+def test_counting_rule_on_hand_worked_cases():
+    # red -> yellow -> green -> blue -> red: step `count` places from the largest object's colour
+    assert toy.landing_color("red", 3) == "blue"
+    assert toy.landing_color("blue", 1) == "red"
+    assert toy.landing_color("yellow", 4) == "yellow"
+    assert toy.counting_rule("dark", "red", 3) == "sadness"          # dark + blue
+    assert toy.counting_rule("bright", "blue", 1) == "excitement"    # bright + red
+    assert toy.counting_rule("bright", "yellow", 4) == "amusement"   # bright + yellow
+    assert toy.counting_rule("dark", "green", 2) == "anger"          # dark + red
+
+
+def test_counting_rule_needs_every_fact():
+    # No two of (background, colour, count) decide the emotion: a one-glance reading of any
+    # two facts leaves it open, which is what makes the label alone a weak teacher.
+    facts = [(b, c, n) for b in ("bright", "dark") for c in toy.COLOR_WHEEL for n in range(1, 5)]
+    for drop in range(3):
+        seen = {}
+        for f in facts:
+            key = f[:drop] + f[drop + 1:]
+            seen.setdefault(key, set()).add(toy.counting_rule(*f))
+        assert all(len(v) > 1 for v in seen.values()), f"dropping fact {drop} still decides the emotion"
+
+
+def test_hard_images_show_the_facts_that_decide_the_label(hard_data):
+    records, _ = read_emoset_split(hard_data, "train")
+    counts = set()
+    for r in records:
+        ann = read_annotation(hard_data, r)["toy"]
+        seen = toy.perceive(load_image(hard_data, r))
+        assert (seen["background"], seen["largest_color"], seen["count"]) == (ann["background"], ann["color"], ann["count"])
+        assert toy.counting_rule(seen["background"], seen["largest_color"], seen["count"]) == ann["rule_emotion"]
+        if not ann["label_noise"]:
+            assert r["label"] == ann["rule_emotion"]
+        counts.add(ann["count"])
+    assert counts == {1, 2, 3, 4}
+
+
+def test_hard_same_seed_same_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    toy.write_toy_dataset(a, "hard", seed=1, sizes={"train": 6, "val": 2, "test": 2})
+    toy.write_toy_dataset(b, "hard", seed=1, sizes={"train": 6, "val": 2, "test": 2})
+    _, mismatch, errors = filecmp.cmpfiles(a, b, [str(p) for p in _files(a)], shallow=False)
+    assert _files(a) == _files(b) and mismatch == [] and errors == []
+
+
+def test_counting_reasoning_states_the_facts_and_round_trips():
+    for style in toy.COUNT_STYLES:
+        for count in range(1, 5):
+            emotion = toy.counting_rule("dark", "green", count)
+            think = toy.reasoning_for(style, "dark", "green", "square", emotion, count)
+            assert toy.facts_from_text(think) == ("dark", "green", count)
+            assert toy.landing_color("green", count) in think.split("green", 1)[1]  # the step is stated too
+            assert think.endswith(f"So {emotion}.") or think.endswith(f"means {emotion}.") or think.endswith(f"suggests {emotion}.")
+
+
+def test_hard_teachers_read_the_pixels_with_their_own_error_rates(hard_data):
+    records, _ = read_emoset_split(hard_data, "train")
+    items = [(r["id"], load_image(hard_data, r)) for r in records]
+    rule = [read_annotation(hard_data, r)["toy"]["rule_emotion"] for r in records]
+    perfect = toy.ToyTeacher("describer:hard", error_rate=0.0, malformed_rate=0.0)
+    replies = perfect.blind(items)
+    assert [parse_answer(t) for t in replies] == rule
+    # its own reasoning, read as text by another perfect teacher, leads to the same emotion
+    thinks = [(i, t.split("<think>")[1].split("</think>")[0]) for (i, _), t in zip(items, replies)]
+    checked = toy.ToyTeacher("counter:hard", error_rate=0.0).from_reasoning(thinks)
+    assert [parse_answer(t) for t in checked] == rule
+    noisy = toy.ToyTeacher("terse:hard", error_rate=0.5, malformed_rate=0.0).blind(items)
+    wrong = sum(parse_answer(t) != y for t, y in zip(noisy, rule))
+    assert 8 <= wrong <= 32  # ~half misperceive one fact; a changed fact always changes the emotion
+    # the demo-rule teacher names other emotions on these images: the rule is part of the teacher
+    assert [parse_answer(t) for t in toy.ToyTeacher("describer", error_rate=0.0, malformed_rate=0.0).blind(items)] != rule
+
+
+def test_hard_hinted_reasoning_leads_to_the_given_label(hard_data):
+    records, _ = read_emoset_split(hard_data, "train")
+    teacher = toy.ToyTeacher("describer:hard")
+    for r, reply in zip(records, teacher.hinted([(r["id"], load_image(hard_data, r), "fear") for r in records])):
+        think = reply.split("<think>")[1].split("</think>")[0]
+        assert toy.counting_rule(*toy.facts_from_text(think)) == "fear" == parse_answer(reply)
+
+
+def test_unknown_teacher_variant_is_an_error():
+    with pytest.raises(ValueError, match="expected NAME or NAME:hard"):
+        toy.ToyTeacher("describer:medium")
+
+
+def test_tokenizer_is_trained_on_the_counting_phrasing():
+    tok = toy.build_tiny_tokenizer()
+    think = toy.reasoning_for("describer", "bright", "blue", "circle", toy.counting_rule("bright", "blue", 3), 3)
+    # in the corpus, so BPE merged its words: far fewer tokens than bytes (an unseen phrasing
+    # of the same length, e.g. random letters, stays near one token per byte)
+    assert len(tok(think)["input_ids"]) < len(think.encode()) / 3

@@ -1,0 +1,112 @@
+"""The stage table over seeds: mean +- std per row, each stage's share of zero-std groups, pictures.
+
+    python scripts/stage_table.py RUN_DIR [RUN_DIR ...] --out DIR
+
+Each RUN_DIR is one seed's `demo.sh` output folder: `eval/results.json` (one row per checkpoint;
+each row names its run folder, whose `metrics.jsonl` holds the training log) and
+`data/toy_info.json` (the label noise, hence the ceiling). Writes to DIR: `stage_table.md`,
+`stage_table.json`, `stage_bars.png` (test accuracy, mean +- std, one dot per seed, the ceiling
+dashed), `stage_curves.png` (the RL stages' training curves side by side, every seed faint,
+their mean bold) and `sft_curves.png` (the same for the baseline's and stage 1's validation
+accuracy and loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import eval as evaluation  # noqa: E402
+from data import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+
+METRICS = [("accuracy", "Acc"), ("uar", "UAR"), ("macro_f1", "F1"), ("format_rate", "Format")]
+
+
+def mean_pm_std(values: list[float], scale: float = 100.0) -> str:
+    """`mean +- sample std` in percent (std 0 for one value); '-' for no values."""
+    if not values:
+        return "-"
+    mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * mean:.1f} +- {scale * std:.1f}"
+
+
+def ceiling_of(toy_info: dict, split: str = "test") -> float:
+    """The best accuracy any model can get on a toy split: a model that follows the rule exactly
+    is wrong on every relabelled image (label noise always picks another emotion)."""
+    s = toy_info["splits"][split]
+    return 1 - s["noisy_labels"] / s["n"]
+
+
+def zero_std_share(metrics_rows: list[dict]) -> float | None:
+    """Mean over steps of `frac_zero_std` (None for runs that are not GRPO runs)."""
+    values = [r["frac_zero_std"] for r in metrics_rows if isinstance(r.get("frac_zero_std"), (int, float))]
+    return statistics.mean(values) if values else None
+
+
+def stage_rows(per_seed: list[dict[str, dict]]) -> dict[str, dict[str, list[float]]]:
+    """{row: {metric: [value per seed]}} from one {row: metrics} dict per seed; rows keep the
+    first seed's order, and a row missing from some seed simply has fewer values."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for results in per_seed:
+        for name, m in results.items():
+            row = rows.setdefault(name, {})
+            for key, value in m.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    row.setdefault(key, []).append(value)
+    return rows
+
+
+def markdown(rows: dict[str, dict[str, list[float]]], ceilings: list[float]) -> str:
+    head = ["model", "seeds"] + [h for _, h in METRICS] + ["zero-std groups", "Acc per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, vals in rows.items():
+        cells = [name, str(len(vals.get("accuracy", [])))] + [mean_pm_std(vals.get(k, [])) for k, _ in METRICS]
+        cells += [mean_pm_std(vals.get("zero_std", [])), ", ".join(f"{100 * v:.1f}" for v in vals.get("accuracy", []))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"| label-noise ceiling | {len(ceilings)} | {mean_pm_std(ceilings)} | | | | | "
+                 + ", ".join(f"{100 * c:.1f}" for c in ceilings) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Mean +- std over seeds of demo.sh runs, with zero-std shares and pictures.")
+    p.add_argument("runs", nargs="+", help="one demo.sh output folder per seed")
+    p.add_argument("--out", required=True, help="folder for stage_table.md/.json, stage_bars.png, stage_curves.png")
+    p.add_argument("--curves", nargs="+", default=["stage2_format", "stage3_format_acc", "stage4_clgrpo"],
+                   help="rows whose training curves go side by side")
+    p.add_argument("--sft-curves", nargs="+", default=["baseline", "stage1_sft"],
+                   help="rows whose validation accuracy and loss go side by side in sft_curves.png")
+    args = p.parse_args(argv)
+    per_seed, ceilings, logs = [], [], {}
+    for run in map(Path, args.runs):
+        results = json.loads((run / "eval" / "results.json").read_text())
+        for name, m in results["results"].items():
+            log_path = Path(m["model"]) / "metrics.jsonl"
+            m["zero_std"] = zero_std_share(list(read_jsonl(log_path))) if log_path.exists() else None
+            logs.setdefault(name, []).append(log_path)
+        per_seed.append(results["results"])
+        ceilings.append(ceiling_of(json.loads((run / "data" / "toy_info.json").read_text()), results["split"]))
+    rows = stage_rows(per_seed)
+    table = markdown(rows, ceilings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "stage_table.md", table)
+    atomic_write_json(out / "stage_table.json", {"runs": args.runs, "ceilings": ceilings, "rows": rows})
+    evaluation.bar_chart_png({n: [100 * v for v in vals["accuracy"]] for n, vals in rows.items()}, out / "stage_bars.png",
+                             f"test accuracy, mean +- std over {len(per_seed)} seeds (dots: seeds)",
+                             reference=("label-noise ceiling", 100 * statistics.mean(ceilings)))
+    curves = {n: [f for f in logs[n] if f.exists()] for n in args.curves if n in logs}
+    if curves:
+        evaluation.curves_side_by_side_png(curves, out / "stage_curves.png")
+    sft = {n: [f for f in logs[n] if f.exists()] for n in args.sft_curves if n in logs}
+    if sft:  # is the label baseline flat, and where is COT SFT, step by step
+        evaluation.curves_side_by_side_png(sft, out / "sft_curves.png", ["val_accuracy", "val_format_rate", "loss"])
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
