@@ -116,7 +116,8 @@ def predict(model, processor, root, records: list[dict], batch_size: int = 32, m
         rollout = vlm.sample_completions(model, processor, images, group_size=1, max_new_tokens=max_new_tokens,
                                          do_sample=False)
         for r, text, cut in zip(chunk, rollout.texts, rollout.truncated.tolist()):
-            out.append({"id": r["id"], "label": r["label"], "completion": text, "truncated": cut, **prediction_of(text)})
+            out.append({"id": r["id"], "label": r["label"], "completion": text, "truncated": cut,
+                        **prediction_of(text)})
     return out
 
 
@@ -186,7 +187,8 @@ CURVE_KEYS = ["loss", "reward_mean", "reward_accuracy", "reward_format", "val_ac
               "frac_clipped_lower", "frac_clipped_upper", "entropy", "completion_len_mean"]
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, keys: list[str] | None = None) -> list[str]:
+def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike,
+                keys: list[str] | None = None) -> list[str]:
     """Small multiples of training curves from a metrics.jsonl (pillow only). Returns the keys drawn."""
     rows = list(read_jsonl(metrics_path))
     keys = [k for k in (keys or CURVE_KEYS) if any(isinstance(r.get(k), (int, float)) for r in rows)]
@@ -211,7 +213,8 @@ def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, key
             draw.line(xy, fill=(185, 200, 235), width=1)
             win = max(1, len(xy) // 15)
             ys = [p[1] for p in xy]
-            smooth = [(x, sum(ys[max(0, i - win + 1):i + 1]) / (i + 1 - max(0, i - win + 1))) for i, (x, _) in enumerate(xy)]
+            smooth = [(x, sum(ys[max(0, i - win + 1):i + 1]) / (i + 1 - max(0, i - win + 1)))
+                      for i, (x, _) in enumerate(xy)]
             draw.line(smooth, fill=(30, 90, 200), width=2)
         else:
             draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(30, 90, 200))
@@ -274,7 +277,8 @@ def bar_chart_png(rows: dict[str, list[float]], path: str | os.PathLike, title: 
     return img
 
 
-SIDE_BY_SIDE_KEYS = ["reward_mean", "reward_accuracy", "val_accuracy", "kl_mean", "frac_clipped_lower", "frac_clipped_upper",
+SIDE_BY_SIDE_KEYS = ["reward_mean", "reward_accuracy", "val_accuracy", "kl_mean", "frac_clipped_lower",
+                     "frac_clipped_upper",
                      "frac_zero_std"]
 
 
@@ -345,7 +349,8 @@ def aggregate(result_files: list[str], keys=("accuracy", "uar", "macro_f1", "for
                 per_model.setdefault(name, {}).setdefault(k, []).append(m[k])
     lines = ["| setting | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, vals in per_model.items():
-        cells = [f"{100 * statistics.mean(v):.1f} +- {100 * (statistics.stdev(v) if len(v) > 1 else 0.0):.1f}" for v in vals.values()]
+        cells = [f"{100 * statistics.mean(v):.1f} +- {100 * (statistics.stdev(v) if len(v) > 1 else 0.0):.1f}"
+                 for v in vals.values()]
         lines.append(f"| {name} | {len(next(iter(vals.values())))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

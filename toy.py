@@ -51,8 +51,8 @@ assert sorted(TOY_TABLE.values()) == sorted(EMOTIONS)
 # hundred SFT steps). `demo`: position/size jitter, distractors, closer brightness ranges, colour
 # jitter and 5% label noise. `hard`: the counting rule, with 5% label noise.
 DIFFICULTIES = {
-    "easy": dict(size=(18, 22), jitter=0, distractors=(0, 0), distractor_scale=(0.3, 0.5), bright=(190, 240), dark=(15, 60),
-                 color_jitter=0, label_noise=0.0),
+    "easy": dict(size=(18, 22), jitter=0, distractors=(0, 0), distractor_scale=(0.3, 0.5), bright=(190, 240),
+                 dark=(15, 60), color_jitter=0, label_noise=0.0),
     "demo": dict(size=(8, 15), jitter=18, distractors=(1, 3), distractor_scale=(0.4, 0.6), bright=(132, 225),
                  dark=(30, 124), color_jitter=35, label_noise=0.05),
     # The counting rule (see the module docstring). Objects never touch, so they can be counted;
@@ -100,7 +100,8 @@ def draw_toy_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict
         d = dict(shape=rng.choice(SHAPES), color=rng.choice([k for k in COLORS if k != color]),
                  size=round(r * rng.uniform(*knobs["distractor_scale"]), 1),
                  center=[round(rng.uniform(6, IMAGE_SIZE - 6), 1), round(rng.uniform(6, IMAGE_SIZE - 6), 1)])
-        _draw_shape(draw, d["shape"], *d["center"], d["size"], _jittered(COLORS[d["color"]], knobs["color_jitter"], rng))
+        color = _jittered(COLORS[d["color"]], knobs["color_jitter"], rng)
+        _draw_shape(draw, d["shape"], *d["center"], d["size"], color)
         distractors.append(d)
     _draw_shape(draw, shape, cx, cy, r, _jittered(COLORS[color], knobs["color_jitter"], rng))  # on top
     attrs = dict(background=background, background_level=level, color=color, shape=shape, size=round(r, 1),
@@ -139,8 +140,10 @@ def draw_counting_example(rng: random.Random, knobs: dict) -> tuple[Image.Image,
         centers = []
         for r in radii:
             for _ in range(200):
-                c = (rng.uniform(_reach(r) + 1, IMAGE_SIZE - _reach(r) - 1), rng.uniform(_reach(r) + 1, IMAGE_SIZE - _reach(r) - 1))
-                if all(np.hypot(c[0] - o[0], c[1] - o[1]) >= _reach(r) + _reach(ro) + 2 for o, ro in zip(centers, radii)):
+                lo, hi = _reach(r) + 1, IMAGE_SIZE - _reach(r) - 1
+                c = (rng.uniform(lo, hi), rng.uniform(lo, hi))
+                if all(np.hypot(c[0] - o[0], c[1] - o[1]) >= _reach(r) + _reach(ro) + 2
+                       for o, ro in zip(centers, radii)):
                     centers.append(c)
                     break
             else:
@@ -202,7 +205,8 @@ def write_toy_dataset(out: str | Path, difficulty: str = "easy", seed: int = 0,
             annotation = {"emotion": label, "image_id": image_id,
                           "brightness": round(attrs["background_level"] / 255, 3),
                           "object": [attrs["shape"]] + [d["shape"] for d in attrs["distractors"]],
-                          "scene": "toy", "toy": {**attrs, "rule_emotion": rule_emotion, "label_noise": label != rule_emotion}}
+                          "scene": "toy",
+                          "toy": {**attrs, "rule_emotion": rule_emotion, "label_noise": label != rule_emotion}}
             (out / ann_rel).write_text(json.dumps(annotation) + "\n")
             entries.append([label, image_id, image_rel, ann_rel])
         atomic_write_json(out / f"{split}.json", entries)
@@ -278,7 +282,8 @@ def perceive(img: Image.Image) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Toy teachers (see cot_builder.py for the interface they serve)
 # ---------------------------------------------------------------------------------------------
-BRIGHT_WORDS = {"bright": "bright", "light": "bright", "sunny": "bright", "dark": "dark", "dim": "dark", "gloomy": "dark"}
+BRIGHT_WORDS = {"bright": "bright", "light": "bright", "sunny": "bright",
+                "dark": "dark", "dim": "dark", "gloomy": "dark"}
 STYLES = {
     "describer": ("The background is {bg_word} and the largest object is a {color} {shape}. "
                   "A {bg_word} scene with a dominant {color} object suggests {emotion}."),
@@ -306,7 +311,8 @@ def reasoning_for(style: str, background: str, color: str, shape: str | None, em
     bg_word = BG_WORDS[style][0 if background == "bright" else 1]
     valence = "Positive" if background == "bright" else "Negative"
     if count is None:
-        return STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion, valence=valence)
+        return STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
+                                    valence=valence)
     return COUNT_STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
                                       valence=valence.lower(), count=count, count_word=COUNT_WORDS[count],
                                       count_cap=COUNT_WORDS[count].capitalize(), landing=landing_color(color, count))
@@ -433,14 +439,16 @@ class ToyTeacher:
 # ---------------------------------------------------------------------------------------------
 # The tiny VLM: Idefics3 (SmolVLM's architecture) with its own byte-level BPE tokenizer
 # ---------------------------------------------------------------------------------------------
-SPECIAL_TOKENS = (["<pad>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>", "<global-img>"]
-                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])  # Idefics3Processor looks these up
+# Idefics3Processor looks up the row/column tokens
+SPECIAL_TOKENS = (["<pad>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                   "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ordinary (generatable) tokens
 # SmolVLM-style chat template: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] | capitalize }}:"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}"
     "{% endif %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>Assistant:{% endif %}"
 )
@@ -469,7 +477,8 @@ def tokenizer_corpus(rules: tuple[str, ...] = RULES) -> list[str]:
     return corpus * 4
 
 
-def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list[str] | None = None, corpus: list[str] | None = None,
+def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list[str] | None = None,
+                         corpus: list[str] | None = None,
                          **token_kwargs):
     """A byte-level BPE tokenizer trained on the toy corpus, wrapped as a transformers fast tokenizer.
 
@@ -507,7 +516,8 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> dict:
     image_seq_len = (IMAGE_SIZE // TINY_VISION["patch_size"]) ** 2 // 4
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
-    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id)
     config = Idefics3Config(
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), tie_word_embeddings=True, **TINY_TEXT, **ids),
         vision_config=TINY_VISION, scale_factor=2, image_token_id=processor.image_token_id, tie_word_embeddings=True)
@@ -522,7 +532,8 @@ def build_tiny_vlm(out: str | Path, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data", help="write a toy dataset in EmoSet layout")
     d.add_argument("out", help="output folder (EmoSet layout: train.json, val.json, test.json, image/, annotation/)")

@@ -73,7 +73,8 @@ def markdown(rows: dict[str, dict[str, list[float]]], ceilings: list[float]) -> 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Mean +- std over seeds of demo.sh runs, with zero-std shares and pictures.")
+    p = argparse.ArgumentParser(
+        description="Mean +- std over seeds of demo.sh runs, with zero-std shares and pictures.")
     p.add_argument("runs", nargs="+", help="one demo.sh output folder per seed")
     p.add_argument("--out", required=True, help="folder for stage_table.md/.json, stage_bars.png, stage_curves.png")
     p.add_argument("--curves", nargs="+", default=["stage2_format", "stage3_format_acc", "stage4_clgrpo"],
@@ -96,7 +97,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "stage_table.md", table)
     atomic_write_json(out / "stage_table.json", {"runs": args.runs, "ceilings": ceilings, "rows": rows})
-    evaluation.bar_chart_png({n: [100 * v for v in vals["accuracy"]] for n, vals in rows.items()}, out / "stage_bars.png",
+    accuracy = {n: [100 * v for v in vals["accuracy"]] for n, vals in rows.items()}
+    evaluation.bar_chart_png(accuracy, out / "stage_bars.png",
                              f"test accuracy, mean +- std over {len(per_seed)} seeds (dots: seeds)",
                              reference=("label-noise ceiling", 100 * statistics.mean(ceilings)))
     curves = {n: [f for f in logs[n] if f.exists()] for n in args.curves if n in logs}

@@ -92,7 +92,8 @@ def test_hard_images_show_the_facts_that_decide_the_label(hard_data):
     for r in records:
         ann = read_annotation(hard_data, r)["toy"]
         seen = toy.perceive(load_image(hard_data, r))
-        assert (seen["background"], seen["largest_color"], seen["count"]) == (ann["background"], ann["color"], ann["count"])
+        facts = (seen["background"], seen["largest_color"], seen["count"])
+        assert facts == (ann["background"], ann["color"], ann["count"])
         assert toy.counting_rule(seen["background"], seen["largest_color"], seen["count"]) == ann["rule_emotion"]
         if not ann["label_noise"]:
             assert r["label"] == ann["rule_emotion"]
@@ -115,7 +116,7 @@ def test_counting_reasoning_states_the_facts_and_round_trips():
             think = toy.reasoning_for(style, "dark", "green", "square", emotion, count)
             assert toy.facts_from_text(think) == ("dark", "green", count)
             assert toy.landing_color("green", count) in think.split("green", 1)[1]  # the step is stated too
-            assert think.endswith(f"So {emotion}.") or think.endswith(f"means {emotion}.") or think.endswith(f"suggests {emotion}.")
+            assert any(think.endswith(f"{lead} {emotion}.") for lead in ("So", "means", "suggests"))
 
 
 def test_hard_teachers_read_the_pixels_with_their_own_error_rates(hard_data):
@@ -133,7 +134,8 @@ def test_hard_teachers_read_the_pixels_with_their_own_error_rates(hard_data):
     wrong = sum(parse_answer(t) != y for t, y in zip(noisy, rule))
     assert 8 <= wrong <= 32  # ~half misperceive one fact; a changed fact always changes the emotion
     # the demo-rule teacher names other emotions on these images: the rule is part of the teacher
-    assert [parse_answer(t) for t in toy.ToyTeacher("describer", error_rate=0.0, malformed_rate=0.0).blind(items)] != rule
+    demo_rule_teacher = toy.ToyTeacher("describer", error_rate=0.0, malformed_rate=0.0)
+    assert [parse_answer(t) for t in demo_rule_teacher.blind(items)] != rule
 
 
 def test_hard_hinted_reasoning_leads_to_the_given_label(hard_data):

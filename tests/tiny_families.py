@@ -368,7 +368,8 @@ def family_tokenizer(specials: list[str], bos_first: str | None = None, listed: 
     from tokenizers import processors
 
     # the demo phrasing only: the families' tokenizers stay as they were before the hard toy
-    tok = toy.build_tiny_tokenizer(vocab_size=640, special_tokens=specials, corpus=toy.tokenizer_corpus(("colour",)), **kwargs)
+    corpus = toy.tokenizer_corpus(("colour",))
+    tok = toy.build_tiny_tokenizer(vocab_size=640, special_tokens=specials, corpus=corpus, **kwargs)
     if listed:
         tok.add_special_tokens({"extra_special_tokens": list(listed)}, replace_extra_special_tokens=False)
     if bos_first:
