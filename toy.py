@@ -100,8 +100,8 @@ def draw_toy_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict
         d = dict(shape=rng.choice(SHAPES), color=rng.choice([k for k in COLORS if k != color]),
                  size=round(r * rng.uniform(*knobs["distractor_scale"]), 1),
                  center=[round(rng.uniform(6, IMAGE_SIZE - 6), 1), round(rng.uniform(6, IMAGE_SIZE - 6), 1)])
-        color = _jittered(COLORS[d["color"]], knobs["color_jitter"], rng)
-        _draw_shape(draw, d["shape"], *d["center"], d["size"], color)
+        fill = _jittered(COLORS[d["color"]], knobs["color_jitter"], rng)
+        _draw_shape(draw, d["shape"], *d["center"], d["size"], fill)
         distractors.append(d)
     _draw_shape(draw, shape, cx, cy, r, _jittered(COLORS[color], knobs["color_jitter"], rng))  # on top
     attrs = dict(background=background, background_level=level, color=color, shape=shape, size=round(r, 1),
