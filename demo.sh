@@ -17,7 +17,7 @@
 #                    --jobs N runs N seeds at a time (numbers do not depend on it)
 # Every knob below can also be set from the environment (e.g. STAGE3_STEPS=40 bash demo.sh).
 # THREADS (default 1) fixes torch's CPU threads: the same seed, machine and THREADS give the same
-# table. One thread is as fast as two for the tiny model, and far faster on a busy machine.
+# table. On a busy machine one thread is also far faster than two (README).
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -157,3 +157,22 @@ def test_tokenizer_is_trained_on_the_counting_phrasing():
     # in the corpus, so BPE merged its words: far fewer tokens than bytes (an unseen phrasing
     # of the same length, e.g. random letters, stays near one token per byte)
     assert len(tok(think)["input_ids"]) < len(think.encode()) / 3
+
+
+def test_hard_facts_reads_each_fact_back_and_counts_unstated_ones_wrong():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import hard_facts
+
+    truth = {"a": {"background": "dark", "color": "red", "count": 3, "rule_emotion": "sadness"},
+             "b": {"background": "bright", "color": "blue", "count": 1, "rule_emotion": "excitement"}}
+    right = toy.reasoning_for("terse", "dark", "red", "circle", "sadness", 3)
+    wrong_count = toy.reasoning_for("describer", "bright", "blue", "square", "amusement", 2)
+    preds = [{"id": "a", "completion": f"<think>{right}</think><answer>sadness</answer>", "pred": "sadness"},
+             {"id": "b", "completion": f"<think>{wrong_count}</think><answer>amusement</answer>", "pred": "amusement"}]
+    row = hard_facts.fact_row(preds, truth)
+    assert row == {"background": 1.0, "colour": 1.0, "count": 0.5, "all three": 0.5, "implied answer": 0.5, "answer": 0.5}
+    silent = [{"id": "a", "completion": "<think>no idea</think><answer>sadness</answer>", "pred": "sadness"}]
+    assert hard_facts.fact_row(silent, truth) == {"background": 0.0, "colour": 0.0, "count": 0.0, "all three": 0.0,
+                                                  "implied answer": 0.0, "answer": 1.0}
