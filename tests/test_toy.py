@@ -172,7 +172,8 @@ def test_hard_facts_reads_each_fact_back_and_counts_unstated_ones_wrong():
     preds = [{"id": "a", "completion": f"<think>{right}</think><answer>sadness</answer>", "pred": "sadness"},
              {"id": "b", "completion": f"<think>{wrong_count}</think><answer>amusement</answer>", "pred": "amusement"}]
     row = hard_facts.fact_row(preds, truth)
-    assert row == {"background": 1.0, "colour": 1.0, "count": 0.5, "all three": 0.5, "implied answer": 0.5, "answer": 0.5}
+    assert row == {"background": 1.0, "colour": 1.0, "count": 0.5, "all three": 0.5, "implied answer": 0.5,
+                   "answer": 0.5}
     silent = [{"id": "a", "completion": "<think>no idea</think><answer>sadness</answer>", "pred": "sadness"}]
     assert hard_facts.fact_row(silent, truth) == {"background": 0.0, "colour": 0.0, "count": 0.0, "all three": 0.0,
                                                   "implied answer": 0.0, "answer": 1.0}
