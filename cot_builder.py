@@ -1,4 +1,4 @@
-"""Self-supervised COT data construction with several teacher VLMs (DESIGN section 7).
+"""Self-supervised COT data construction with several teacher VLMs: the labels, not people, check the reasoning.
 
     python cot_builder.py --data ROOT --split train --teacher toy:describer --teacher toy:counter \
         --teacher toy:terse --out runs/cot/train.jsonl [--rationalize] [--limit N] [--workers N]

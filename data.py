@@ -30,7 +30,7 @@ POSITIVE = frozenset(EMOTIONS[:4])
 NEGATIVE = frozenset(EMOTIONS[4:])
 SPLITS = ("train", "val", "test")
 
-# One instruction for every stage and for evaluation (DESIGN section 4). The label baseline is
+# One instruction for every stage and for evaluation. The label baseline is
 # asked the same question; only its training targets differ (an answer with no reasoning).
 INSTRUCTION = (
     "Which emotion does this image evoke? Choose one of: " + ", ".join(EMOTIONS) + ". "

@@ -70,7 +70,7 @@ else
   SFT_STEPS=${SFT_STEPS:-800}        # baseline and stage 1 alike; 400 was not converged on every seed
   TEACHER_RULE=
 fi
-RL_LR=${RL_LR:-1e-4}                 # best of 5e-5, 1e-4, 2e-4 on val; DESIGN reports instability above 1e-4
+RL_LR=${RL_LR:-1e-4}                 # best of 5e-5, 1e-4, 2e-4 on val; the tiny model's RL was unstable above 1e-4
 RL_COMMON=(--lr "$RL_LR" --batch-size 4 --num-generations 8 --max-new-tokens 64 --beta 0.04
            --eval-every 40 --save-every 20 --sample-every 10 --device "$DEVICE" --seed "$SEED")
 STAGE2_STEPS=${STAGE2_STEPS:-15}

@@ -38,3 +38,5 @@ def test_every_named_file_exists():
 def test_no_line_number_links_and_no_outside_documents():
     assert not re.search(r"\]\([^)]*#L\d+", README), "line-number links drift: link the function instead"
     assert "DESIGN" not in README and "../shared" not in README
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("*.sh"), *ROOT.glob("scripts/*.py")]:
+        assert "DESIGN" not in path.read_text(), f"{path.name} cites a document outside the repository"
