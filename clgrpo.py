@@ -246,9 +246,7 @@ class GRPOConfig:
     bf16: bool = arg(False, "bf16 autocast for forward/backward (GPU)")
     gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
     freeze_vision: bool = arg(False, "do not train the vision tower")
-    max_image_tokens: int | None = arg(None, "bound one image's tokens through the family's own knob (Qwen "
-                                             "max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids)",
-                                       type=int_at_least(1))
+    max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
 
     def __post_init__(self):
         if not self.rewards:
@@ -534,12 +532,8 @@ def main(argv=None) -> dict:
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
     # --model, frozen: KL is measured against where this stage started.
-    model, processor = vlm.load_model(ckpt if resume else cfg.model, cfg.dtype, cfg.device, cfg.gradient_checkpointing,
-                                      max_image_tokens=cfg.max_image_tokens)
+    model, processor = vlm.load_for_training(cfg, ckpt if resume else None)
     device = next(model.parameters()).device
-    if cfg.freeze_vision:
-        for prm in vlm.vision_parameters(model):
-            prm.requires_grad_(False)
     ref_model = None
     if cfg.beta != 0:
         ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype or cfg.dtype, cfg.device)

@@ -372,9 +372,7 @@ class EvalConfig:
     out: str = arg("runs/eval", "output folder for tables, predictions and pictures")
     device: str = arg("auto", "auto, cpu or cuda")
     dtype: str = arg("float32", "weights dtype", choices=list(vlm.DTYPES))
-    max_image_tokens: int | None = arg(None, "bound one image's tokens through the family's own knob (Qwen "
-                                             "max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids)",
-                                       type=int_at_least(1))
+    max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
 
 
 def main(argv=None) -> None:

@@ -147,9 +147,7 @@ class SFTConfig:
     bf16: bool = arg(False, "bf16 autocast for forward/backward (GPU)")
     gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
     freeze_vision: bool = arg(False, "do not train the vision tower")
-    max_image_tokens: int | None = arg(None, "bound one image's tokens through the family's own knob (Qwen "
-                                             "max_pixels, SmolVLM longest edge, InternVL tiles, LLaVA grids)",
-                                       type=int_at_least(1))
+    max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
 
 
 def parse_args(argv=None) -> SFTConfig:
@@ -168,12 +166,8 @@ def main(argv=None) -> dict:
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
     resume = vlm.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses a --resume with no state
     vlm.seed_everything(cfg.seed)
-    model, processor = vlm.load_model(ckpt if resume else cfg.model, cfg.dtype, cfg.device, cfg.gradient_checkpointing,
-                                      max_image_tokens=cfg.max_image_tokens)
+    model, processor = vlm.load_for_training(cfg, ckpt if resume else None)
     device = next(model.parameters()).device
-    if cfg.freeze_vision:
-        for prm in vlm.vision_parameters(model):
-            prm.requires_grad_(False)
     examples = load_examples(cfg, processor)
     val = read_val_for_training(cfg.data, cfg.eval_every, cfg.eval_limit)
     unreadable = {}   # id -> reason of images skipped (one warning each)

@@ -252,8 +252,26 @@ def uses_mrope(model) -> bool:
 
 def vision_parameters(model) -> list[torch.nn.Parameter]:
     """Parameters of the vision tower (for --freeze-vision)."""
-    names = ("vision_model", "vision_tower", "visual", "vision_encoder")
-    return [p for n, p in model.named_parameters() if any(f".{k}." in f".{n}" for k in names)]
+    return [p for n, p in model.named_parameters() if any(f".{k}." in f".{n}" for k in VISION_TOWERS)]
+
+
+VISION_TOWERS = ("vision_model", "vision_tower", "visual", "vision_encoder")  # the tower's name, by family
+
+
+IMAGE_TOKENS_HELP = ("bound one image's tokens through the family's own knob (Qwen max_pixels, SmolVLM longest "
+                     "edge, InternVL tiles, LLaVA grids)")
+
+
+def load_for_training(cfg, checkpoint: Path | None):
+    """(model, processor) to train: from `checkpoint` when resuming, else cfg.model, with the run's
+    dtype, device, gradient checkpointing and image-token budget; the vision tower frozen with
+    cfg.freeze_vision (sft.py and clgrpo.py share this start)."""
+    model, processor = load_model(checkpoint or cfg.model, cfg.dtype, cfg.device, cfg.gradient_checkpointing,
+                                  max_image_tokens=cfg.max_image_tokens)
+    if cfg.freeze_vision:
+        for prm in vision_parameters(model):
+            prm.requires_grad_(False)
+    return model, processor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,13 +473,14 @@ def eos_token_ids(model, processor) -> list[int]:
     return ids
 
 
-def blocked_token_ids(model, processor) -> list[int]:
-    """Special tokens a completion must never contain (image placeholders, pad, BOS, ...).
+def blocked_token_ids(model, processor, eos_ids: list[int] | None = None) -> list[int]:
+    """Special tokens a completion must never contain (image placeholders, pad, BOS, ...), all but
+    the end-of-completion ids (`eos_ids`, computed here when not given).
 
     A freshly initialised (or a collapsing) model will happily sample the image placeholder, and
     the next forward then crashes because the number of image tokens no longer matches the images.
     """
-    keep = set(eos_token_ids(model, processor))
+    keep = set(eos_ids if eos_ids is not None else eos_token_ids(model, processor))
     blocked = set(processor.tokenizer.all_special_ids)
     for attr in ("image_token_id", "fake_image_token_id", "video_token_id", "global_image_token_id",
                  "image_start_token_id", "image_end_token_id", "boi_token_id", "eoi_token_id"):
@@ -634,7 +653,7 @@ def sample_completions(model, processor, images: list, group_size: int = 1, max_
     prompts = encode_prompts(processor, images, prompt, device)
     eos = eos_token_ids(model, processor)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                      num_return_sequences=group_size, suppress_tokens=blocked_token_ids(model, processor),
+                      num_return_sequences=group_size, suppress_tokens=blocked_token_ids(model, processor, eos),
                       eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)

@@ -5,15 +5,12 @@ import torch
 
 import vlm
 
-TOWERS = ("vision_model", "vision_tower", "visual")
-
-
 def vision_tower(model):
     base = model.base_model
-    for name in TOWERS:
+    for name in vlm.VISION_TOWERS:
         if hasattr(base, name):
             return getattr(base, name)
-    raise AttributeError(f"{type(model).__name__}: no vision tower among {TOWERS}")
+    raise AttributeError(f"{type(model).__name__}: no vision tower among {vlm.VISION_TOWERS}")
 
 
 class VisionInputCounter:
