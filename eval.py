@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import vlm
-from data import (EMOTIONS, add_config_flags, arg, atomic_write_bytes, atomic_write_json, atomic_write_text,
+from data import (EMOTIONS, add_config_flags, arg, float_in, atomic_write_bytes, atomic_write_json, atomic_write_text,
                   config_from_args, int_at_least, load_images,
                   output_path_problem, read_emoset_split, read_jsonl, valence)
 from rewards import format_reward, normalize_emotion, parse_answer
@@ -104,26 +104,35 @@ def prediction_of(completion: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model, processor, root, records: list[dict], batch_size: int = 32, max_new_tokens: int = 96,
-            progress: bool = True, skipped: dict | None = None) -> list[dict]:
-    """Greedy completions for records, batched. One dict per readable record (id, label,
-    completion, ...); unreadable images are left out, warned about once and added to `skipped`."""
+            progress: bool = True, skipped: dict | None = None, temperature: float = 0.0,
+            samples: int = 1) -> list[dict]:
+    """Completions for records, batched: greedy (temperature 0), or `samples` completions per
+    image at `temperature` (what GRPO sees when it samples at that temperature). One dict per
+    completion of a readable record (id, label, completion, ...); unreadable images are left
+    out, warned about once and added to `skipped`."""
+    if temperature == 0 and samples != 1:
+        raise ValueError("greedy decoding gives one completion per image: use samples=1")
     out = []
     skipped = {} if skipped is None else skipped
     for s in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress, leave=False):
         chunk, images = load_images(root, records[s:s + batch_size], skipped)
         if not chunk:
             continue
-        rollout = vlm.sample_completions(model, processor, images, group_size=1, max_new_tokens=max_new_tokens,
-                                         do_sample=False)
-        for r, text, cut in zip(chunk, rollout.texts, rollout.truncated.tolist()):
+        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        rollout = vlm.sample_completions(model, processor, images, group_size=samples, max_new_tokens=max_new_tokens,
+                                         **sampling)
+        rows = [r for r in chunk for _ in range(samples)]  # generate() keeps each image's samples together
+        for r, text, cut in zip(rows, rollout.texts, rollout.truncated.tolist()):
             out.append({"id": r["id"], "label": r["label"], "completion": text, "truncated": cut,
                         **prediction_of(text)})
     return out
 
 
-def evaluate(model, processor, root, records, batch_size=32, max_new_tokens=96, progress=True, skipped=None):
-    """(metrics, predictions) of a model on records (unreadable images: see `predict`)."""
-    predictions = predict(model, processor, root, records, batch_size, max_new_tokens, progress, skipped)
+def evaluate(model, processor, root, records, batch_size=32, max_new_tokens=96, progress=True, skipped=None,
+             temperature=0.0, samples=1):
+    """(metrics, predictions) of a model on records (unreadable images and sampling: see `predict`)."""
+    predictions = predict(model, processor, root, records, batch_size, max_new_tokens, progress, skipped,
+                          temperature, samples)
     if not predictions:
         raise ValueError(f"none of the {len(records)} images could be read (see the warnings above)")
     metrics = classification_metrics([p["pred"] for p in predictions], [p["label"] for p in predictions],
@@ -232,10 +241,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def bar_chart_png(rows: dict[str, list[float]], path: str | os.PathLike, title: str = "", ylabel: str = "accuracy (%)",
-                  reference: tuple[str, float] | None = None) -> Image.Image:
+                  reference: tuple[str, float] | None = None, colors: list[int] | None = None) -> Image.Image:
     """One bar per row at the mean of its values (e.g. one accuracy per seed), an error bar of
     +- one sample std, every value as a dot, and an optional dashed reference line (e.g. the
-    label-noise ceiling). The y axis runs from 0 to just above the largest value drawn."""
+    label-noise ceiling). The y axis runs from 0 to just above the largest value drawn.
+    `colors`: a palette index per bar (default: one colour per bar, in turn)."""
     if not rows or not all(rows.values()):
         raise ValueError("bar_chart_png: every row needs at least one value")
     names = list(rows)
@@ -262,7 +272,8 @@ def bar_chart_png(rows: dict[str, list[float]], path: str | os.PathLike, title: 
     for i, name in enumerate(names):
         mean, std = _mean_std(rows[name])
         x0 = left + gap + i * (bar_w + gap)
-        draw.rectangle([x0, y_of(mean), x0 + bar_w, y_of(0)], fill=BAR_COLORS[i % len(BAR_COLORS)])
+        color = BAR_COLORS[(colors[i] if colors else i) % len(BAR_COLORS)]
+        draw.rectangle([x0, y_of(mean), x0 + bar_w, y_of(0)], fill=color)
         xc = x0 + bar_w / 2
         if std > 0:
             draw.line([(xc, y_of(mean - std)), (xc, y_of(mean + std))], fill="black", width=2)
@@ -373,6 +384,10 @@ class EvalConfig:
     device: str = arg("auto", "auto, cpu or cuda")
     dtype: str = arg("float32", "weights dtype", choices=list(vlm.DTYPES))
     max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
+    temperature: float = arg(0.0, "0: greedy (the standard metric); > 0: sample at this temperature, e.g. 1 for "
+                             "the accuracy GRPO's samples have", type=float_in(0))
+    samples: int = arg(1, "completions per image when sampling (metrics over all of them)", type=int_at_least(1))
+    seed: int = arg(0, "sampling seed (with --temperature > 0)")
 
 
 def main(argv=None) -> None:
@@ -389,6 +404,8 @@ def main(argv=None) -> None:
         return
     if not args.model or not args.data:
         p.error("--model and --data are required (or use --aggregate)")
+    if args.samples > 1 and args.temperature == 0:
+        p.error("--samples > 1 needs --temperature > 0 (greedy decoding gives one completion per image)")
 
     names = args.name or [Path(m).name for m in args.model]
     if len(names) != len(args.model) or len(set(names)) != len(names):
@@ -402,8 +419,9 @@ def main(argv=None) -> None:
     for name, path in zip(names, args.model):
         model, processor = vlm.load_model(path, args.dtype, args.device, max_image_tokens=args.max_image_tokens)
         start = time.perf_counter()
+        torch.manual_seed(args.seed)   # each row samples from the same seed
         metrics, predictions = evaluate(model, processor, args.data, records, args.batch_size, args.max_new_tokens,
-                                        skipped=unreadable)
+                                        skipped=unreadable, temperature=args.temperature, samples=args.samples)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         metrics["skipped_unreadable"] = len(unreadable)
         metrics["model"] = str(path)

@@ -59,6 +59,14 @@ DIFFICULTIES = {
     # the others are at most 0.7 of the largest one's radius, so "the largest" is unambiguous.
     "hard": dict(rule="count", size=(7, 10), objects=(1, 4), other_scale=(0.5, 0.7), bright=(140, 225),
                  dark=(30, 115), color_jitter=25, label_noise=0.05),
+    # The counting rule made easy to *see*, not easy to *infer*. Every shape has a fixed size: the
+    # largest one a radius of 10 px, the others 5.5 px (0.3 of its area), one shape per quadrant,
+    # no two the same colour. So the largest one's colour is also the colour covering most
+    # pixels, and the count can be read off the coloured area: both are one-glance features, as
+    # the demo's facts are. The rule, and so what a label alone says about each fact, is the same
+    # as `hard`.
+    "stepwise": dict(rule="count", layout="quadrants", distinct_colors=True, size=(10, 10), objects=(1, 4),
+                     other_scale=(0.55, 0.55), bright=(150, 225), dark=(30, 105), color_jitter=20, label_noise=0.05),
 }
 DEFAULT_SPLIT_SIZES = {"train": 2000, "val": 200, "test": 400}
 
@@ -128,15 +136,9 @@ def _reach(r: float) -> float:
     return 1.75 * r  # the triangle's base corners are 1.73 r out
 
 
-def draw_counting_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict]:
-    """Draw one `hard` image: 1-4 shapes that never touch, the first one the largest."""
-    background = rng.choice(("bright", "dark"))
-    level = rng.randint(*knobs[background])
-    count = rng.randint(*knobs["objects"])
-    color = rng.choice(COLOR_WHEEL)
-    r_main = rng.uniform(*knobs["size"])
-    radii = [r_main] + [r_main * rng.uniform(*knobs["other_scale"]) for _ in range(count - 1)]
-    while True:  # rejection sampling of a layout where no two shapes come within 2 px
+def _free_layout(rng: random.Random, radii: list[float], count: int) -> list[tuple[float, float]]:
+    """Shapes anywhere, by rejection sampling of a layout where no two come within 2 px."""
+    while True:
         centers = []
         for r in radii:
             for _ in range(200):
@@ -149,13 +151,42 @@ def draw_counting_example(rng: random.Random, knobs: dict) -> tuple[Image.Image,
             else:
                 break
         if len(centers) == count:
-            break
+            return centers
+
+
+def _quadrant_layout(rng: random.Random, radii: list[float]) -> list[tuple[float, float]]:
+    """One shape per randomly chosen quadrant, near its centre, no two within 2 px of each other."""
+    quarter = IMAGE_SIZE / 4
+    quadrants = rng.sample(range(4), len(radii))
+    while True:
+        centers = [((1 + 2 * (q % 2)) * quarter + rng.uniform(-3, 3), (1 + 2 * (q // 2)) * quarter + rng.uniform(-3, 3))
+                   for q in quadrants]
+        if all(np.hypot(a[0] - b[0], a[1] - b[1]) >= _reach(ra) + _reach(rb) + 2
+               for i, (a, ra) in enumerate(zip(centers, radii)) for b, rb in zip(centers[i + 1:], radii[i + 1:])):
+            return centers
+
+
+def draw_counting_example(rng: random.Random, knobs: dict) -> tuple[Image.Image, dict]:
+    """Draw one counting-rule image: 1-4 shapes that never touch, the first one the largest."""
+    background = rng.choice(("bright", "dark"))
+    level = rng.randint(*knobs[background])
+    count = rng.randint(*knobs["objects"])
+    color = rng.choice(COLOR_WHEEL)
+    r_main = rng.uniform(*knobs["size"])
+    radii = [r_main] + [r_main * rng.uniform(*knobs["other_scale"]) for _ in range(count - 1)]
+    if knobs.get("layout") == "quadrants":
+        centers = _quadrant_layout(rng, radii)
+    else:
+        centers = _free_layout(rng, radii, count)
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (level, level, level))
     draw = ImageDraw.Draw(img)
     objects = []
+    others = [k for k in COLOR_WHEEL if k != color]
+    if knobs.get("distinct_colors"):
+        others = rng.sample(others, count - 1)
     for i, (r, (cx, cy)) in enumerate(zip(radii, centers)):
         # the others take any colour but the largest one's, so its colour is never ambiguous
-        c = color if i == 0 else rng.choice([k for k in COLOR_WHEEL if k != color])
+        c = color if i == 0 else others[i - 1] if knobs.get("distinct_colors") else rng.choice(others)
         o = dict(shape=rng.choice(SHAPES), color=c, size=round(r, 1), center=[round(cx, 1), round(cy, 1)])
         _draw_shape(draw, o["shape"], cx, cy, r, _jittered(COLORS[c], knobs["color_jitter"], rng))
         objects.append(o)
@@ -456,6 +487,14 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, nu
                  num_key_value_heads=2, max_position_embeddings=512)
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    image_size=IMAGE_SIZE, patch_size=8)
+# Model sizes. `tiny` (the tests' model): 16 image tokens, each a 2x2 pixel-shuffle of 8 px
+# patches. `small` (the stepwise demo's): a wider, deeper vision tower and no pixel shuffle, so the
+# language model sees all 64 patches: a 16 px token cannot tell one small shape from two.
+MODEL_SIZES = {
+    "tiny": dict(vision=TINY_VISION, scale_factor=2),
+    "small": dict(vision={**TINY_VISION, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3},
+                  scale_factor=1),
+}
 
 
 def tokenizer_corpus(rules: tuple[str, ...] = RULES) -> list[str]:
@@ -503,24 +542,26 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list[str] | None
     return fast
 
 
-def build_tiny_vlm(out: str | Path, seed: int = 0) -> dict:
-    """Build, randomly initialise and save the tiny Idefics3 VLM + processor (no downloads)."""
+def build_tiny_vlm(out: str | Path, seed: int = 0, size: str = "tiny") -> dict:
+    """Build, randomly initialise and save the tiny Idefics3 VLM + processor (no downloads);
+    `size` is a key of MODEL_SIZES."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    vision, scale = MODEL_SIZES[size]["vision"], MODEL_SIZES[size]["scale_factor"]
     tokenizer = build_tiny_tokenizer()
-    # No image splitting: one 64 px frame -> (64/8)^2 = 64 patches -> /scale_factor^2 = 16 tokens.
+    # No image splitting: one 64 px frame -> (64/8)^2 = 64 patches -> /scale_factor^2 tokens.
     image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": IMAGE_SIZE},
                                                 max_image_size={"longest_edge": IMAGE_SIZE})
-    image_seq_len = (IMAGE_SIZE // TINY_VISION["patch_size"]) ** 2 // 4
+    image_seq_len = (IMAGE_SIZE // vision["patch_size"]) ** 2 // scale ** 2
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                   image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
     config = Idefics3Config(
         text_config=dict(model_type="llama", vocab_size=len(tokenizer), tie_word_embeddings=True, **TINY_TEXT, **ids),
-        vision_config=TINY_VISION, scale_factor=2, image_token_id=processor.image_token_id, tie_word_embeddings=True)
+        vision_config=vision, scale_factor=scale, image_token_id=processor.image_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
     model.generation_config.update(**ids)
@@ -544,12 +585,14 @@ def main(argv=None) -> None:
     m = sub.add_parser("model", help="build the tiny Idefics3 VLM offline")
     m.add_argument("out", help="output folder (save_pretrained layout, safetensors)")
     m.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    m.add_argument("--size", default="tiny", choices=list(MODEL_SIZES),
+                   help="tiny: 16 image tokens (the tests' model); small: 64 image tokens, wider vision tower")
     args = p.parse_args(argv)
     if args.cmd == "data":
         sizes = {s: getattr(args, f"n_{s}") for s in SPLITS}
         print(json.dumps(write_toy_dataset(args.out, args.difficulty, args.seed, sizes)))
     else:
-        print(json.dumps(build_tiny_vlm(args.out, args.seed)))
+        print(json.dumps(build_tiny_vlm(args.out, args.seed, args.size)))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""The stage table over seeds: mean +- std per row, each stage's share of zero-std groups, pictures.
+"""The stage table over seeds: mean +- std per row, each stage's share of zero-std groups, the
+facts each stage's reasoning gets right, pictures.
 
     python scripts/stage_table.py RUN_DIR [RUN_DIR ...] --out DIR
 
-Each RUN_DIR is one seed's `demo.sh` output folder: `eval/results.json` (one row per checkpoint;
-each row names its run folder, whose `metrics.jsonl` holds the training log) and
-`data/toy_info.json` (the label noise, hence the ceiling). Writes to DIR: `stage_table.md`,
-`stage_table.json`, `stage_bars.png` (test accuracy, mean +- std, one dot per seed, the ceiling
-dashed), `stage_curves.png` (the RL stages' training curves side by side, every seed faint,
-their mean bold) and `sft_curves.png` (the same for the baseline's and stage 1's validation
-accuracy and loss).
+Each RUN_DIR is one seed's `demo.sh` output folder: `eval/results.json` (greedy, one row per
+checkpoint; each row names its run folder, whose `metrics.jsonl` holds the training log), and if
+present `eval_t1/results.json` (the same checkpoints sampled at temperature 1: rows `NAME@T1`),
+and `data/toy_info.json` (the label noise, hence the ceiling). On the counting-rule toys the facts
+stated in every completion are read back and checked (scripts/hard_facts.py). Writes to DIR:
+`stage_table.md`, `stage_table.json`, `stage_bars.png` (test accuracy, mean +- std, one dot per
+seed, the ceiling dashed), `stage_facts.png` (per-fact accuracy per stage), `stage_curves.png`
+(the RL stages' training curves side by side, every seed faint, their mean bold) and
+`sft_curves.png` (the same for the baseline's and stage 1's validation accuracy and loss).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import eval as evaluation  # noqa: E402
 from data import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
+from hard_facts import annotations, fact_row  # noqa: E402
 
 METRICS = [("accuracy", "Acc"), ("uar", "UAR"), ("macro_f1", "F1"), ("format_rate", "Format")]
+FACTS = [("background", "bg"), ("colour", "colour"), ("count", "count"), ("all three", "all 3"),
+         ("implied answer", "implied")]
 
 
 def mean_pm_std(values: list[float], scale: float = 100.0) -> str:
@@ -61,15 +67,45 @@ def stage_rows(per_seed: list[dict[str, dict]]) -> dict[str, dict[str, list[floa
 
 
 def markdown(rows: dict[str, dict[str, list[float]]], ceilings: list[float]) -> str:
-    head = ["model", "seeds"] + [h for _, h in METRICS] + ["zero-std groups", "Acc per seed"]
+    """One line per row: mean +- std over seeds of each metric, the zero-std share, the facts its
+    completions state correctly (counting-rule toys), and the accuracy per seed."""
+    facts = [(k, h) for k, h in FACTS if any(f"fact_{k}" in v for v in rows.values())]
+    head = (["model", "seeds"] + [h for _, h in METRICS] + ["zero-std groups"] + [f"fact: {h}" for _, h in facts]
+            + ["Acc per seed"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, vals in rows.items():
         cells = [name, str(len(vals.get("accuracy", [])))] + [mean_pm_std(vals.get(k, [])) for k, _ in METRICS]
-        cells += [mean_pm_std(vals.get("zero_std", [])), ", ".join(f"{100 * v:.1f}" for v in vals.get("accuracy", []))]
+        cells += [mean_pm_std(vals.get("zero_std", []))] + [mean_pm_std(vals.get(f"fact_{k}", [])) for k, _ in facts]
+        cells += [", ".join(f"{100 * v:.1f}" for v in vals.get("accuracy", []))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| label-noise ceiling | {len(ceilings)} | {mean_pm_std(ceilings)} | | | | | "
+    blanks = " | " * (len(METRICS) + len(facts))
+    lines.append(f"| label-noise ceiling | {len(ceilings)} | {mean_pm_std(ceilings)}{blanks}"
                  + ", ".join(f"{100 * c:.1f}" for c in ceilings) + " |")
     return "\n".join(lines) + "\n"
+
+
+def run_results(run: Path) -> tuple[dict[str, dict], str]:
+    """{row: metrics} of one run folder (greedy rows, then the temperature-1 rows as NAME@T1),
+    each with its zero-std share and, on counting-rule data, the facts read back; and the split."""
+    truth = None
+    toy_info = json.loads((run / "data" / "toy_info.json").read_text())
+    if toy_info.get("difficulty") in ("hard", "stepwise"):
+        truth = annotations(run / "data")
+    rows, split = {}, None
+    for folder, suffix in (("eval", ""), ("eval_t1", "@T1")):
+        if not (run / folder / "results.json").exists():
+            continue
+        results = json.loads((run / folder / "results.json").read_text())
+        split = split or results["split"]
+        for name, m in results["results"].items():
+            log_path = Path(m["model"]) / "metrics.jsonl"
+            m["zero_std"] = zero_std_share(list(read_jsonl(log_path))) if log_path.exists() else None
+            m["log"] = str(log_path)
+            predictions = run / folder / f"predictions_{name}.jsonl"
+            if truth is not None and predictions.exists():
+                m.update({f"fact_{k}": v for k, v in fact_row(list(read_jsonl(predictions)), truth).items()})
+            rows[name + suffix] = m
+    return rows, split
 
 
 def main(argv=None) -> None:
@@ -84,13 +120,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     per_seed, ceilings, logs = [], [], {}
     for run in map(Path, args.runs):
-        results = json.loads((run / "eval" / "results.json").read_text())
-        for name, m in results["results"].items():
-            log_path = Path(m["model"]) / "metrics.jsonl"
-            m["zero_std"] = zero_std_share(list(read_jsonl(log_path))) if log_path.exists() else None
-            logs.setdefault(name, []).append(log_path)
-        per_seed.append(results["results"])
-        ceilings.append(ceiling_of(json.loads((run / "data" / "toy_info.json").read_text()), results["split"]))
+        results, split = run_results(run)
+        for name, m in results.items():
+            logs.setdefault(name, []).append(Path(m.pop("log")))
+        per_seed.append(results)
+        ceilings.append(ceiling_of(json.loads((run / "data" / "toy_info.json").read_text()), split))
     rows = stage_rows(per_seed)
     table = markdown(rows, ceilings)
     out = Path(args.out)
@@ -101,6 +135,13 @@ def main(argv=None) -> None:
     evaluation.bar_chart_png(accuracy, out / "stage_bars.png",
                              f"test accuracy, mean +- std over {len(per_seed)} seeds (dots: seeds)",
                              reference=("label-noise ceiling", 100 * statistics.mean(ceilings)))
+    facts = [(k, h) for k, h in FACTS[:4] if any(f"fact_{k}" in v for v in rows.values())]
+    if facts:  # one bar per (stage, fact), coloured by fact
+        bars = {f"{n} {h}": [100 * v for v in vals[f"fact_{k}"]] for n, vals in rows.items()
+                if n != "baseline" for k, h in facts if f"fact_{k}" in vals}
+        evaluation.bar_chart_png(bars, out / "stage_facts.png",
+                                 "facts the reasoning states correctly (%), test split; colour = fact",
+                                 colors=[i % len(facts) for i in range(len(bars))])
     curves = {n: [f for f in logs[n] if f.exists()] for n in args.curves if n in logs}
     if curves:
         evaluation.curves_side_by_side_png(curves, out / "stage_curves.png")

@@ -10,7 +10,7 @@ import eval as evaluation
 import sft
 import toy
 import vlm
-from data import EMOTIONS, load_image, read_emoset_split
+from data import EMOTIONS, load_image, read_annotation, read_emoset_split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,3 +299,52 @@ def test_stage_table_mean_std_zero_std_and_ceiling():
     assert "| baseline | 2 | 55.0 +- 7.1 | - | - | - | - | 50.0, 60.0 |" in table
     assert stage_table.ceiling_of({"splits": {"test": {"n": 400, "noisy_labels": 18}}}) == pytest.approx(0.955)
     assert stage_table.zero_std_share([{"frac_zero_std": 1.0}, {"loss": 2.0}, {"frac_zero_std": 0.5}]) == 0.75
+
+
+def test_sampled_eval_gives_samples_per_image_and_greedy_is_one(tiny, toy_data):
+    import torch
+
+    model, processor = tiny
+    records, _ = read_emoset_split(toy_data, "test", limit=3)
+    greedy = evaluation.predict(model, processor, toy_data, records, max_new_tokens=8, progress=False)
+    assert [p["id"] for p in greedy] == [r["id"] for r in records]
+    torch.manual_seed(0)
+    sampled = evaluation.predict(model, processor, toy_data, records, max_new_tokens=8, progress=False,
+                                 temperature=1.0, samples=2)
+    assert [p["id"] for p in sampled] == [r["id"] for r in records for _ in range(2)]
+    with pytest.raises(ValueError, match="samples=1"):
+        evaluation.predict(model, processor, toy_data, records, progress=False, samples=2)
+
+
+def test_stage_table_reads_facts_of_counting_rule_runs(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    import toy
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import stage_table
+
+    run = tmp_path / "run"
+    toy.write_toy_dataset(run / "data", "stepwise", seed=0, sizes={"train": 2, "val": 2, "test": 4})
+    records, _ = read_emoset_split(run / "data", "test")
+    truth = [read_annotation(run / "data", r)["toy"] for r in records]
+    (run / "stage1").mkdir()
+    (run / "stage1" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for folder, right in (("eval", 4), ("eval_t1", 1)):   # greedy states every fact right; sampled, 1 of 4
+        preds = []
+        for k, (r, t) in enumerate(zip(records, truth)):
+            count = t["count"] if k < right else t["count"] % 4 + 1
+            think = toy.reasoning_for("terse", t["background"], t["color"], None, t["rule_emotion"], count)
+            emotion = toy.counting_rule(t["background"], t["color"], count)
+            preds.append({"id": r["id"], "label": r["label"], "completion": f"<think>{think}</think>",
+                          "pred": emotion})
+        (run / folder).mkdir()
+        (run / folder / "predictions_stage1.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        (run / folder / "results.json").write_text(json.dumps(
+            {"split": "test", "results": {"stage1": {"accuracy": right / 4, "model": str(run / "stage1")}}}))
+    rows, split = stage_table.run_results(run)
+    assert split == "test" and list(rows) == ["stage1", "stage1@T1"]
+    assert rows["stage1"]["fact_count"] == 1.0 and rows["stage1"]["fact_background"] == 1.0
+    assert rows["stage1@T1"]["fact_count"] == 0.25 and rows["stage1@T1"]["fact_all three"] == 0.25
+    assert rows["stage1@T1"]["fact_implied answer"] == 0.25   # a wrong count implies another emotion

@@ -177,3 +177,41 @@ def test_hard_facts_reads_each_fact_back_and_counts_unstated_ones_wrong():
     silent = [{"id": "a", "completion": "<think>no idea</think><answer>sadness</answer>", "pred": "sadness"}]
     assert hard_facts.fact_row(silent, truth) == {"background": 0.0, "colour": 0.0, "count": 0.0, "all three": 0.0,
                                                   "implied answer": 0.0, "answer": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The `stepwise` toy: the counting rule, its facts made one-glance features
+# ---------------------------------------------------------------------------------------------
+def test_stepwise_images_show_the_facts_as_glance_features(tmp_path):
+    import numpy as np
+
+    toy.write_toy_dataset(tmp_path, "stepwise", seed=0, sizes={"train": 60, "val": 2, "test": 2})
+    records, _ = read_emoset_split(tmp_path, "train")
+    area_by_count, counts = {}, set()
+    for r in records:
+        ann = read_annotation(tmp_path, r)["toy"]
+        img = load_image(tmp_path, r)
+        seen = toy.perceive(img)
+        assert (seen["background"], seen["largest_color"], seen["count"]) == (ann["background"], ann["color"],
+                                                                            ann["count"])
+        assert seen["color"] == ann["color"]   # the largest shape's colour covers the most pixels
+        assert toy.counting_rule(ann["background"], ann["color"], ann["count"]) == ann["rule_emotion"]
+        a = np.asarray(img, dtype=np.int32)
+        area_by_count.setdefault(ann["count"], []).append(int(((a.max(-1) - a.min(-1)) > 60).sum()))
+        counts.add(ann["count"])
+        # one shape per quadrant
+        quadrants = {(c[0] >= 32, c[1] >= 32) for c in [ann["center"]] + [d["center"] for d in ann["distractors"]]}
+        assert len(quadrants) == ann["count"]
+    assert counts == {1, 2, 3, 4}
+    # the count can be read off the coloured area: the ranges of consecutive counts do not overlap
+    for n in (1, 2, 3):
+        assert max(area_by_count[n]) < min(area_by_count[n + 1])
+
+
+def test_model_sizes_set_the_image_tokens(tmp_path):
+    small = toy.build_tiny_vlm(tmp_path / "small", seed=0, size="small")
+    assert small["image_tokens"] == 64   # 64 px / patch 8 = 8 x 8 patches, no pixel shuffle
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tmp_path / "small")
+    assert (cfg.scale_factor, cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers) == (1, 128, 3)
