@@ -92,20 +92,21 @@ def table(plans: dict, rank: int) -> str:
     row("trained, full fine-tuning", lambda p: f"{p['total'] / 1e9:.2f} B")
     row(f"trained, LoRA r = {rank} (attention + MLP)", lambda p: f"{p['lora'] / 1e6:.1f} M ({p['lora_layers']} "
         f"layers, {100 * p['lora'] / p['total']:.2f}%)")
-    row("full: weights + grads + AdamW, fp32", lambda p: f"{p['full']['weights + grads + AdamW'] / GB:.1f} GB")
-    row("full: reference, bf16", lambda p: f"{p['full']['reference (bf16)'] / GB:.1f} GB")
-    row("LoRA: base weights fp32 (bf16)", lambda p: f"{p['lora fp32 base']['base weights'] / GB:.1f} "
-        f"({p['lora bf16 base']['base weights'] / GB:.1f}) GB")
-    row("LoRA: adapters + grads + AdamW; reference",
-        lambda p: f"{p['lora fp32 base']['adapters + grads + AdamW'] / GB:.2f} GB; 0 (base = adapters off)")
+    row("optimizer state (2 AdamW moments, fp32), full / LoRA",
+        lambda p: f"{8 * p['total'] / GB:.1f} GB / {8 * p['lora'] / GB:.2f} GB")
+    row("full: weights + grads + AdamW, fp32; reference, bf16",
+        lambda p: f"{p['full']['weights + grads + AdamW'] / GB:.1f} GB; {p['full']['reference (bf16)'] / GB:.1f} GB")
+    row("LoRA: frozen base, fp32 (bf16); adapters + grads + AdamW; reference",
+        lambda p: f"{p['lora fp32 base']['base weights'] / GB:.1f} ({p['lora bf16 base']['base weights'] / GB:.1f}) "
+        f"GB; {p['lora fp32 base']['adapters + grads + AdamW'] / GB:.2f} GB; 0")
     row("both: KV cache + logits + activations", lambda p: " + ".join(f"{v / GB:.1f}" for v in p["shared"].values())
         + " GB")
     for label, key in (("full fine-tuning", "full"), ("LoRA, fp32 base", "lora fp32 base"),
-                       ("LoRA, bf16 base", "lora bf16 base")):
+                       ("LoRA, bf16 base (`--dtype bfloat16`)", "lora bf16 base")):
         def total(p, key=key):
             base = (sum(p[key].values()) + sum(p["shared"].values())) / GB
             return f"**{base + 2:.0f}-{base + 4:.0f} GB**"
-        row(f"**total, {label}** (+ 2-4 GB overhead)", total)
+        row(f"**peak, {label}**", total)
     return "\n".join(rows)
 
 
