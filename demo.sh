@@ -16,8 +16,9 @@
 #                    stage's zero-std share and the pictures (scripts/stage_table.py);
 #                    --jobs N runs N seeds at a time (numbers do not depend on it)
 # Every knob below can also be set from the environment (e.g. STAGE3_STEPS=40 bash demo.sh).
-# LORA_RANK=8 runs every stage with LoRA adapters of rank 8 (README "LoRA on the toy"), e.g.
-#   LORA_RANK=8 SFT_LR=1e-2 RL_LR=1e-3 bash demo.sh --out runs/demo_lora
+# LORA_RANK=8 runs every stage with LoRA adapters of rank 8 (docs/lora.md: on the toy's random
+#   init LoRA suits stages 2-4, not SFT; RL_LR=1e-3 tracked full fine-tuning in stage 3), e.g.
+#   LORA_RANK=8 RL_LR=1e-3 bash demo.sh --out runs/demo_lora
 # THREADS (default 1) fixes torch's CPU threads: the same seed, machine and THREADS give the same
 # table. On a busy machine one thread is also far faster than two (README).
 set -euo pipefail
@@ -36,7 +37,7 @@ while [[ $# -gt 0 ]]; do
     --clip-ablation) CLIP_ABLATION=1; shift ;;
     --hard) HARD=1; shift ;;
     --jobs) JOBS=$2; shift 2 ;;
-    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,23p "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
