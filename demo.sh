@@ -16,9 +16,9 @@
 #                    stage's zero-std share and the pictures (scripts/stage_table.py);
 #                    --jobs N runs N seeds at a time (numbers do not depend on it)
 # Every knob below can also be set from the environment (e.g. STAGE3_STEPS=40 bash demo.sh).
-# LORA_RANK=8 runs every stage with LoRA adapters of rank 8 (docs/lora.md: on the toy's random
-#   init LoRA suits stages 2-4, not SFT; RL_LR=1e-3 tracked full fine-tuning in stage 3), e.g.
-#   LORA_RANK=8 RL_LR=1e-3 bash demo.sh --out runs/demo_lora
+# LORA_RANK=8 runs stages 2-4 with LoRA adapters of rank 8, SFT_LORA_RANK=8 the baseline and stage 1
+#   (docs/lora.md: on the toy's random init LoRA suits stages 2-4, not SFT; RL_LR=1e-3 tracked
+#   full fine-tuning in stage 3), e.g. LORA_RANK=8 RL_LR=1e-3 bash demo.sh --out runs/demo_lora
 # THREADS (default 1) fixes torch's CPU threads: the same seed, machine and THREADS give the same
 # table. On a busy machine one thread is also far faster than two (README).
 set -euo pipefail
@@ -74,7 +74,8 @@ else
   TEACHER_RULE=
 fi
 SFT_LR=${SFT_LR:-2e-3}               # sft.py's default
-LORA=(); [[ -n ${LORA_RANK:-} ]] && LORA=(--lora-rank "$LORA_RANK")   # a documented variant, off by default
+LORA=(); [[ -n ${LORA_RANK:-} ]] && LORA=(--lora-rank "$LORA_RANK")   # documented variants, off by default
+SFT_LORA=(); [[ -n ${SFT_LORA_RANK:-} ]] && SFT_LORA=(--lora-rank "$SFT_LORA_RANK")
 RL_LR=${RL_LR:-1e-4}                 # best of 5e-5, 1e-4, 2e-4 on val; the tiny model's RL was unstable above 1e-4
 RL_COMMON=("${LORA[@]}" --lr "$RL_LR" --batch-size 4 --num-generations 8 --max-new-tokens 64 --beta 0.04
            --eval-every 40 --save-every 20 --sample-every 10 --device "$DEVICE" --seed "$SEED")
@@ -108,7 +109,7 @@ build_cot() {
   python -c "import json, sys; s = json.load(open(sys.argv[1])); print('kept', s['kept'], 'dropped', s['dropped'], 'blind accuracy', {k: v['blind_accuracy'] for k, v in s['teachers'].items()})" "$COT.summary.json"
 }
 run cot build_cot
-SFT=("${LORA[@]}" --lr "$SFT_LR" --steps "$SFT_STEPS" --eval-every 100 --save-every 100 --device "$DEVICE" --seed "$SEED")
+SFT=("${SFT_LORA[@]}" --lr "$SFT_LR" --steps "$SFT_STEPS" --eval-every 100 --save-every 100 --device "$DEVICE" --seed "$SEED")
 run baseline python sft.py --mode label --model "$MODEL" --data "$DATA" --out "$OUT/baseline" "${SFT[@]}" $(resume_flag "$OUT/baseline")
 run stage1  python sft.py --mode cot --cot "$COT" --model "$MODEL" --data "$DATA" --out "$OUT/stage1" "${SFT[@]}" $(resume_flag "$OUT/stage1")
 run stage2  python clgrpo.py --stage 2 --model "$OUT/stage1" --data "$DATA" --out "$OUT/stage2" --steps "$STAGE2_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage2")
