@@ -94,7 +94,6 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, targ
     both, and the saved checkpoint would keep only one of them."""
     alpha = 2.0 * rank if alpha is None else float(alpha)
     targets = parse_targets(targets) if isinstance(targets, str) else tuple(targets)
-    model.requires_grad_(False)
     shared = {}   # id(parameter) -> how many modules hold it
     for _, prm in model.named_parameters(remove_duplicate=False):
         shared[id(prm)] = shared.get(id(prm), 0) + 1
@@ -106,12 +105,14 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, targ
         where = "" if vision else " outside the vision tower (--lora-vision adds it)"
         raise ValueError(f"--lora-targets {','.join(targets)}: no layer of {type(model).__name__}{where} has such a "
                          f"name; its linear layers there are named {', '.join(linears)}")
-    for name, module in chosen:
+    for name, module in chosen:   # every check before the first change: an error leaves the model as it was
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer")
         if shared[id(module.weight)] > 1:
             raise ValueError(f"--lora-targets: {name}.weight is tied to another module (e.g. the embeddings); "
                              "an adapter on it cannot be merged into a checkpoint")
+    model.requires_grad_(False)
+    for name, module in chosen:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(module, rank, alpha))
     return [name for name, _ in chosen]
