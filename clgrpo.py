@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import eval as evaluation
+import lora
 import vlm
 from data import (EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args, float_in,
                   int_at_least, load_images, output_path_problem, read_emoset_split, read_val_for_training,
@@ -247,6 +248,11 @@ class GRPOConfig:
     gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
     freeze_vision: bool = arg(False, "do not train the vision tower")
     max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
+    # LoRA (lora.py): adapters on a frozen base; checkpoints are still saved as plain merged weights
+    lora_rank: int | None = arg(None, lora.RANK_HELP, type=int_at_least(1))
+    lora_alpha: float | None = arg(None, lora.ALPHA_HELP, type=float_in(0, lo_open=True))
+    lora_targets: str = arg(lora.DEFAULT_TARGETS, lora.TARGETS_HELP)
+    lora_vision: bool = arg(False, lora.VISION_HELP)
 
     def __post_init__(self):
         if not self.rewards:
@@ -267,7 +273,8 @@ def stage_config(stage: int, **overrides) -> GRPOConfig:
 @dataclass
 class Policy:
     """What a GRPO step acts on: the model being trained and its processor, the frozen reference
-    (None when beta == 0), the optimizer and LR schedule, and the autocast context."""
+    (None when beta == 0, and with LoRA: the policy with its adapters off is the reference), the
+    optimizer and LR schedule, and the autocast context."""
     model: torch.nn.Module
     processor: object
     ref_model: torch.nn.Module | None
@@ -426,8 +433,18 @@ def add_frozen_logprobs(policy: Policy, batch: GroupBatch, cfg: GRPOConfig) -> N
     r = batch.rollout
     args = (r.prompts, r.completion_ids, r.completion_mask, r.group_size, cfg.temperature, cfg.logp_micro_batch)
     with policy.autocast:
-        batch.ref_logp = vlm.completion_logprobs(policy.ref_model, *args) if policy.ref_model is not None else None
+        batch.ref_logp = reference_logprobs(policy, args) if cfg.beta != 0 else None
         batch.old_logp = vlm.completion_logprobs(policy.model, *args) if cfg.mu > 1 else None
+
+
+def reference_logprobs(policy: Policy, args: tuple) -> torch.Tensor:
+    """pi_ref's log-probs: the loaded reference model's, or, with LoRA (no reference loaded), the
+    policy's own with its adapters off: W x + (alpha / r) B A x minus the adapters' term is the
+    base, the start of the stage. Callers are under torch.no_grad()."""
+    if policy.ref_model is not None:
+        return vlm.completion_logprobs(policy.ref_model, *args)
+    with lora.lora_disabled(policy.model):   # refuses a model without adapters: it is no reference
+        return vlm.completion_logprobs(policy.model, *args)
 
 
 def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entropy: bool) -> dict:
@@ -516,7 +533,7 @@ def parse_args(argv=None) -> GRPOConfig:
     p = argparse.ArgumentParser(description="Stages 2-4: GRPO (format; format+accuracy) and CLGRPO (clip-low).")
     add_config_flags(p, GRPOConfig, default_note=preset_note)
     args = p.parse_args(argv)
-    if problem := output_path_problem(args.out, "dir"):
+    if problem := output_path_problem(args.out, "dir") or lora.flag_problem(args):
         p.error(problem)
     try:
         return config_from_args(GRPOConfig, args, **STAGE_PRESETS[args.stage])
@@ -531,11 +548,12 @@ def main(argv=None) -> dict:
     vlm.seed_everything(cfg.seed)
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
-    # --model, frozen: KL is measured against where this stage started.
+    # --model, frozen: KL is measured against where this stage started. With LoRA that is the
+    # policy with its adapters switched off (reference_logprobs), so no second model is loaded.
     model, processor = vlm.load_for_training(cfg, ckpt if resume else None)
     device = next(model.parameters()).device
     ref_model = None
-    if cfg.beta != 0:
+    if cfg.beta != 0 and not cfg.lora_rank:
         ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype or cfg.dtype, cfg.device)
         ref_model.eval().requires_grad_(False)
 

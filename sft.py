@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import eval as evaluation
+import lora
 import vlm
 from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json,
                   config_from_args, cot_target, float_in, int_at_least, label_target, load_images,
@@ -148,6 +149,11 @@ class SFTConfig:
     gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
     freeze_vision: bool = arg(False, "do not train the vision tower")
     max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
+    # LoRA (lora.py): adapters on a frozen base; checkpoints are still saved as plain merged weights
+    lora_rank: int | None = arg(None, lora.RANK_HELP, type=int_at_least(1))
+    lora_alpha: float | None = arg(None, lora.ALPHA_HELP, type=float_in(0, lo_open=True))
+    lora_targets: str = arg(lora.DEFAULT_TARGETS, lora.TARGETS_HELP)
+    lora_vision: bool = arg(False, lora.VISION_HELP)
 
 
 def parse_args(argv=None) -> SFTConfig:
@@ -156,7 +162,7 @@ def parse_args(argv=None) -> SFTConfig:
     args = p.parse_args(argv)
     if args.mode == "cot" and not getattr(args, "cot", None):
         p.error("--mode cot needs --cot FILE.jsonl")
-    if problem := output_path_problem(args.out, "dir"):
+    if problem := output_path_problem(args.out, "dir") or lora.flag_problem(args):
         p.error(problem)
     return config_from_args(SFTConfig, args)
 

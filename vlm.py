@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import lora
 from data import INSTRUCTION
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -265,9 +266,15 @@ IMAGE_TOKENS_HELP = ("bound one image's tokens through the family's own knob (Qw
 def load_for_training(cfg, checkpoint: Path | None):
     """(model, processor) to train: from `checkpoint` when resuming, else cfg.model, with the run's
     dtype, device, gradient checkpointing and image-token budget; the vision tower frozen with
-    cfg.freeze_vision (sft.py and clgrpo.py share this start)."""
-    model, processor = load_model(checkpoint or cfg.model, cfg.dtype, cfg.device, cfg.gradient_checkpointing,
-                                  max_image_tokens=cfg.max_image_tokens)
+    cfg.freeze_vision (sft.py and clgrpo.py share this start). With cfg.lora_rank the base is
+    always cfg.model, frozen, and a checkpoint only brings its adapters (lora.setup)."""
+    lora_rank = getattr(cfg, "lora_rank", None)
+    model, processor = load_model(cfg.model if lora_rank else checkpoint or cfg.model, cfg.dtype, cfg.device,
+                                  cfg.gradient_checkpointing, max_image_tokens=cfg.max_image_tokens)
+    if lora_rank:
+        lora.setup(model, cfg, checkpoint)
+    elif checkpoint is not None and (checkpoint / lora.ADAPTERS_FILE).is_file():
+        raise SystemExit(f"--resume: {checkpoint} holds LoRA adapters; resume with the run's --lora-* flags")
     if cfg.freeze_vision:
         for prm in vision_parameters(model):
             prm.requires_grad_(False)
@@ -739,13 +746,17 @@ def save_checkpoint(model, processor, out: str | os.PathLike, trainer_state: dic
     next save removes). A kill between the two renames leaves the previous checkpoint as
     `.NAME.old`, which `recover_checkpoint` puts back at the next start. `trainer_state` (step,
     optimizer, scheduler, RNG...) goes to trainer_state.pt in the same folder, so weights and
-    state can never disagree."""
+    state can never disagree. A model with LoRA adapters is saved as a plain checkpoint with
+    merged weights (W + (alpha / r) B A), plus adapters.safetensors for resuming."""
     import json
 
     require_finite_weights(model)
     out = recover_checkpoint(out)
     tmp, old = _checkpoint_siblings(out)
-    model.save_pretrained(tmp)
+    adapters = lora.lora_layers(model)   # LoRA: the weights are saved merged, the adapters alone beside them
+    model.save_pretrained(tmp, state_dict=lora.merged_state_dict(model) if adapters else None)
+    if adapters:
+        lora.save_adapters(model, tmp / lora.ADAPTERS_FILE)
     processor.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")
