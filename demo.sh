@@ -68,7 +68,7 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 # Budget per setting (docs/experiments.md has the measurements behind each number).
 case $DIFFICULTY in
-  stepwise) SFT_STEPS=${SFT_STEPS:-2000}; MODEL_SIZE=${MODEL_SIZE:-small}; TEACHER_RULE=:hard ;;
+  stepwise) SFT_STEPS=${SFT_STEPS:-2000}; MODEL_SIZE=${MODEL_SIZE:-small}; TEACHER_RULE=:stepwise ;;
   hard)     SFT_STEPS=${SFT_STEPS:-2000}; MODEL_SIZE=${MODEL_SIZE:-tiny};  TEACHER_RULE=:hard ;;
   *)        SFT_STEPS=${SFT_STEPS:-800};  MODEL_SIZE=${MODEL_SIZE:-tiny};  TEACHER_RULE= ;;
 esac

@@ -331,20 +331,31 @@ COUNT_STYLES = {
                 "{color} plus {count} is {landing}, and {landing} in a {valence} mood means {emotion}."),
     "terse": "{bg_word} background, {color} largest, count {count}, so {landing}. So {emotion}.",
 }
+# The stepwise teachers state the same three facts, then the emotion, without naming the landing
+# colour: a colour word that is *not* a colour in the image taught the student to stop reading the
+# colours it sees (docs/experiments.md), so the wheel step is left for the student to do.
+STEPWISE_STYLES = {
+    "describer": ("The background is {bg_word}. The largest object is a {color} {shape}. I count {count_word} objects. "
+                  "A {bg_word} scene, {color} and {count_word} suggest {emotion}."),
+    "counter": ("Counting the shapes: {count_word}. The biggest is {color}, on a {bg_word} backdrop. "
+                "{color} plus {count} in a {valence} mood means {emotion}."),
+    "terse": "{bg_word} background, {color} largest, count {count}. So {emotion}.",
+}
 BG_WORDS = {"describer": ("bright", "dark"), "counter": ("light", "dim"), "terse": ("sunny", "gloomy")}
 NUMBER_WORDS = {**{w: n for n, w in enumerate(COUNT_WORDS)}, **{str(n): n for n in range(len(COUNT_WORDS))}}
 
 
 def reasoning_for(style: str, background: str, color: str, shape: str | None, emotion: str,
-                  count: int | None = None) -> str:
+                  count: int | None = None, styles: dict | None = None) -> str:
     """A teacher's reasoning in its own words: the demo rule's facts, or with `count` the
-    counting rule's (the landing colour follows from colour and count)."""
+    counting rule's, phrased by `styles` (COUNT_STYLES, which name the landing colour that follows
+    from colour and count, or STEPWISE_STYLES, which do not)."""
     bg_word = BG_WORDS[style][0 if background == "bright" else 1]
     valence = "Positive" if background == "bright" else "Negative"
     if count is None:
         return STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
                                     valence=valence)
-    return COUNT_STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
+    return (styles or COUNT_STYLES)[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
                                       valence=valence.lower(), count=count, count_word=COUNT_WORDS[count],
                                       count_cap=COUNT_WORDS[count].capitalize(), landing=landing_color(color, count))
 
@@ -376,7 +387,8 @@ class ToyTeacher:
     """A pixel-reading stand-in for a 7B+ teacher VLM.
 
     `name` is a style (describer, counter, terse), optionally followed by `:hard` for the
-    counting rule of `toy.py data --difficulty hard` (cot_builder's `toy:describer:hard`).
+    counting rule of `toy.py data --difficulty hard` (cot_builder's `toy:describer:hard`), or by
+    `:stepwise` for the same rule phrased without the landing colour (STEPWISE_STYLES).
     `error_rate`: chance of misperceiving one fact (hence a wrong, but self-consistent, answer);
     `malformed_rate`: chance of a reply without the required tags. Errors are a deterministic
     function of (teacher, image id, call kind) so reruns and resumes agree."""
@@ -385,9 +397,10 @@ class ToyTeacher:
                  malformed_rate: float = 0.02, seed: int = 0):
         presets = {"describer": 0.10, "counter": 0.20, "terse": 0.35}
         base, _, variant = name.partition(":")
-        if variant not in ("", "hard"):
-            raise ValueError(f"toy teacher {name!r}: expected NAME or NAME:hard")
-        self.rule = "count" if variant == "hard" else "colour"
+        if variant not in ("", "hard", "stepwise"):
+            raise ValueError(f"toy teacher {name!r}: expected NAME, NAME:hard or NAME:stepwise")
+        self.rule = "count" if variant in ("hard", "stepwise") else "colour"
+        self.count_styles = STEPWISE_STYLES if variant == "stepwise" else COUNT_STYLES
         self.name = f"toy:{name}"
         self.style = style or (base if base in STYLES else "describer")
         self.error_rate = presets.get(base, 0.2) if error_rate is None else error_rate
@@ -432,7 +445,7 @@ class ToyTeacher:
             rng = self._rng(f"blind:{image_id}")
             background, color, count, shape = self._facts(rng, img)
             emotion = self._emotion(background, color, count)
-            think = reasoning_for(self.style, background, color, shape, emotion, count)
+            think = reasoning_for(self.style, background, color, shape, emotion, count, self.count_styles)
             if rng.random() < self.malformed_rate:
                 replies.append(f"{think} Answer: {emotion}")  # forgot the tags
             else:
@@ -463,7 +476,8 @@ class ToyTeacher:
             if self.rule == "count":
                 count = max(1, seen["count"])
                 color = COLOR_WHEEL[(COLOR_WHEEL.index(color) - count) % len(COLOR_WHEEL)]
-            replies.append(cot_target(reasoning_for(self.style, background, color, seen["shape"], label, count), label))
+            think = reasoning_for(self.style, background, color, seen["shape"], label, count, self.count_styles)
+            replies.append(cot_target(think, label))
         return replies
 
 

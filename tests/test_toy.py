@@ -147,7 +147,7 @@ def test_hard_hinted_reasoning_leads_to_the_given_label(hard_data):
 
 
 def test_unknown_teacher_variant_is_an_error():
-    with pytest.raises(ValueError, match="expected NAME or NAME:hard"):
+    with pytest.raises(ValueError, match="expected NAME, NAME:hard or NAME:stepwise"):
         toy.ToyTeacher("describer:medium")
 
 
@@ -215,3 +215,23 @@ def test_model_sizes_set_the_image_tokens(tmp_path):
 
     cfg = AutoConfig.from_pretrained(tmp_path / "small")
     assert (cfg.scale_factor, cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers) == (1, 128, 3)
+
+
+def test_stepwise_reasoning_states_the_facts_but_no_landing_colour(tmp_path):
+    for style in toy.STEPWISE_STYLES:
+        for count in range(1, 5):
+            emotion = toy.counting_rule("dark", "green", count)
+            think = toy.reasoning_for(style, "dark", "green", "square", emotion, count, toy.STEPWISE_STYLES)
+            assert toy.facts_from_text(think) == ("dark", "green", count)
+            assert [w for w in toy._words(think) if w in toy.COLORS] == ["green"] * len(
+                [w for w in toy._words(think) if w in toy.COLORS])   # every colour named is one in the image
+            assert think.endswith(f" {emotion}.")
+    toy.write_toy_dataset(tmp_path, "stepwise", seed=0, sizes={"train": 12, "val": 2, "test": 2})
+    records, _ = read_emoset_split(tmp_path, "train")
+    items = [(r["id"], load_image(tmp_path, r)) for r in records]
+    rule = [read_annotation(tmp_path, r)["toy"]["rule_emotion"] for r in records]
+    teacher = toy.ToyTeacher("terse:stepwise", error_rate=0.0, malformed_rate=0.0)
+    assert teacher.rule == "count"
+    assert [parse_answer(t) for t in teacher.blind(items)] == rule
+    thinks = [(i, t.split("<think>")[1].split("</think>")[0]) for (i, _), t in zip(items, teacher.blind(items))]
+    assert [parse_answer(t) for t in teacher.from_reasoning(thinks)] == rule
