@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -290,7 +291,8 @@ def perceive(img: Image.Image) -> dict:
     protos = np.array(list(COLORS.values()))
     obj = a[is_object]
     if len(obj) == 0:
-        return {"background": background, "color": None, "shape": None, "count": 0, "largest_color": None}
+        return {"background": background, "color": None, "shape": None, "count": 0, "largest_color": None,
+                "quadrants": [None] * 4, "largest_quadrant": None}
     nearest = ((obj[:, None, :] - protos[None]) ** 2).sum(-1).argmin(1)
     counts = np.bincount(nearest, minlength=len(protos))
     winner = int(counts.argmax())
@@ -301,13 +303,18 @@ def perceive(img: Image.Image) -> dict:
     fill = mask.sum() / max(1, (np.ptp(ys) + 1) * (np.ptp(xs) + 1))
     shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
     objects = _components(is_object)
-    largest_color = None
-    if objects:
-        label_of = np.full(a.shape[:2], -1).ravel()
-        label_of[np.flatnonzero(is_object)] = nearest
-        largest_color = list(COLORS)[int(np.bincount(label_of[objects[0]], minlength=len(protos)).argmax())]
+    label_of = np.full(a.shape[:2], -1).ravel()
+    label_of[np.flatnonzero(is_object)] = nearest
+    colors = [list(COLORS)[int(np.bincount(label_of[o], minlength=len(protos)).argmax())] for o in objects]
+    quadrants, largest_quadrant = [None] * 4, None   # reading order: top left, top right, bottom left, bottom right
+    for k, (o, c) in enumerate(zip(objects, colors)):
+        y, x = np.divmod(o, a.shape[1])
+        q = 2 * int(y.mean() >= a.shape[0] / 2) + int(x.mean() >= a.shape[1] / 2)
+        quadrants[q] = quadrants[q] or c
+        largest_quadrant = q if k == 0 else largest_quadrant
     return {"background": background, "color": list(COLORS)[winner], "shape": shape, "count": len(objects),
-            "largest_color": largest_color}
+            "largest_color": colors[0] if colors else None, "quadrants": quadrants,
+            "largest_quadrant": largest_quadrant}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,31 +338,39 @@ COUNT_STYLES = {
                 "{color} plus {count} is {landing}, and {landing} in a {valence} mood means {emotion}."),
     "terse": "{bg_word} background, {color} largest, count {count}, so {landing}. So {emotion}.",
 }
-# The stepwise teachers state the same three facts, then the emotion, without naming the landing
-# colour: a colour word that is *not* a colour in the image taught the student to stop reading the
-# colours it sees (docs/experiments.md), so the wheel step is left for the student to do.
+# The stepwise teachers go round the quadrants first, naming what each one holds, then state the
+# count, the largest shape's colour and the emotion. Two lessons of docs/experiments.md are built
+# in: every colour they name is a colour in the image (no landing colour: a colour word that is
+# not in the image taught the student to stop reading colours), and the count is reached by
+# looking at four places one by one instead of at a glance (a glance did not teach it to count).
+QUADRANT_NAMES = ("top left", "top right", "bottom left", "bottom right")
 STEPWISE_STYLES = {
-    "describer": ("The background is {bg_word}. The largest object is a {color} {shape}. I count {count_word} objects. "
-                  "A {bg_word} scene, {color} and {count_word} suggest {emotion}."),
-    "counter": ("Counting the shapes: {count_word}. The biggest is {color}, on a {bg_word} backdrop. "
-                "{color} plus {count} in a {valence} mood means {emotion}."),
-    "terse": "{bg_word} background, {color} largest, count {count}. So {emotion}.",
+    "describer": ("The background is {bg_word}. {quadrants}. That makes {count_word} objects, and the largest "
+                  "is {color}. A {bg_word} scene, {color} and {count_word} suggest {emotion}."),
+    "counter": ("Going round: {quadrants}. Counting the shapes: {count_word}. The biggest is {color}, on a "
+                "{bg_word} backdrop. {color} plus {count} in a {valence} mood means {emotion}."),
+    "terse": "{bg_word} background. {quadrants}: count {count}, {color} largest. So {emotion}.",
 }
 BG_WORDS = {"describer": ("bright", "dark"), "counter": ("light", "dim"), "terse": ("sunny", "gloomy")}
 NUMBER_WORDS = {**{w: n for n, w in enumerate(COUNT_WORDS)}, **{str(n): n for n in range(len(COUNT_WORDS))}}
 
 
 def reasoning_for(style: str, background: str, color: str, shape: str | None, emotion: str,
-                  count: int | None = None, styles: dict | None = None) -> str:
+                  count: int | None = None, styles: dict | None = None, quadrants: list | None = None) -> str:
     """A teacher's reasoning in its own words: the demo rule's facts, or with `count` the
-    counting rule's, phrased by `styles` (COUNT_STYLES, which name the landing colour that follows
-    from colour and count, or STEPWISE_STYLES, which do not)."""
+    counting rule's, phrased by `styles`: COUNT_STYLES, which name the landing colour that follows
+    from colour and count, or STEPWISE_STYLES, which list what each quadrant holds (`quadrants`:
+    a colour or None each, in QUADRANT_NAMES order) and name no landing colour."""
     bg_word = BG_WORDS[style][0 if background == "bright" else 1]
     valence = "Positive" if background == "bright" else "Negative"
     if count is None:
         return STYLES[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
                                     valence=valence)
+    listing = ", ".join(f"{name} {c or 'empty'}" for name, c in zip(QUADRANT_NAMES, quadrants or [None] * 4))
+    if style == "describer":
+        listing = listing[0].upper() + listing[1:]
     return (styles or COUNT_STYLES)[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
+                                                  quadrants=listing,
                                       valence=valence.lower(), count=count, count_word=COUNT_WORDS[count],
                                       count_cap=COUNT_WORDS[count].capitalize(), landing=landing_color(color, count))
 
@@ -372,9 +387,20 @@ def attributes_from_text(text: str) -> tuple[str | None, str | None]:
     return background, color
 
 
+def quadrants_from_text(text: str) -> list[str | None] | None:
+    """What a stepwise reasoning says each quadrant holds (a colour or None), or None if it does
+    not go round all four."""
+    found = [re.search(rf"{name}:? (\w+)", text, re.IGNORECASE) for name in QUADRANT_NAMES]
+    if not all(found):
+        return None
+    return [m.group(1).lower() if m.group(1).lower() in COLORS else None for m in found]
+
+
 def facts_from_text(text: str) -> tuple[str | None, str | None, int | None]:
     """Read (background, largest colour, count) back from counting-rule reasoning (first mention
-    of each wins; the landing colour comes after the largest one in every style)."""
+    of each wins, once a stepwise quadrant listing is taken out; the landing colour comes after
+    the largest one in every style)."""
+    text = re.sub(rf"({'|'.join(QUADRANT_NAMES)}):? \w+", " ", text, flags=re.IGNORECASE)
     background, color = attributes_from_text(text)
     count = next((NUMBER_WORDS[w] for w in _words(text) if w in NUMBER_WORDS), None)
     return background, color, count
@@ -425,7 +451,8 @@ class ToyTeacher:
         return background, color, count
 
     def _facts(self, rng: random.Random, img: Image.Image):
-        """(background, colour, count or None, shape) as this teacher sees them, errors included."""
+        """(background, colour, count or None, shape, quadrants) as this teacher sees them, errors
+        included; the quadrant listing is kept consistent with the (mis)read colour and count."""
         seen = perceive(img)
         if self.rule == "count":
             color = seen["largest_color"] or rng.choice(list(COLORS))
@@ -433,7 +460,23 @@ class ToyTeacher:
         else:
             color = seen["color"] or rng.choice(list(COLORS))
             background, color, count = self._maybe_err(rng, seen["background"], color)
-        return background, color, count, seen["shape"]
+        stepwise = self.count_styles is STEPWISE_STYLES   # (only they list quadrants; others draw no more)
+        return background, color, count, seen["shape"], self._listing(rng, seen, color, count) if stepwise else None
+
+    @staticmethod
+    def _listing(rng: random.Random, seen: dict, color: str, count: int | None) -> list:
+        """The quadrants as reported: the largest shape's quadrant shows `color`; a count misread
+        by one adds a shape to an empty quadrant or leaves out one of the smaller ones."""
+        quadrants, largest = list(seen["quadrants"]), seen["largest_quadrant"]
+        if largest is None:
+            largest = rng.randrange(4)
+        quadrants[largest] = color
+        while count is not None and sum(q is not None for q in quadrants) < count:
+            empty = [i for i, q in enumerate(quadrants) if q is None]
+            quadrants[rng.choice(empty)] = rng.choice([c for c in COLORS if c != color])
+        while count is not None and sum(q is not None for q in quadrants) > count:
+            quadrants[rng.choice([i for i, q in enumerate(quadrants) if q is not None and i != largest])] = None
+        return quadrants
 
     def _emotion(self, background: str, color: str, count: int | None) -> str:
         return TOY_TABLE[(background, color)] if count is None else counting_rule(background, color, count)
@@ -443,9 +486,9 @@ class ToyTeacher:
         replies = []
         for image_id, img in items:
             rng = self._rng(f"blind:{image_id}")
-            background, color, count, shape = self._facts(rng, img)
+            background, color, count, shape, quadrants = self._facts(rng, img)
             emotion = self._emotion(background, color, count)
-            think = reasoning_for(self.style, background, color, shape, emotion, count, self.count_styles)
+            think = reasoning_for(self.style, background, color, shape, emotion, count, self.count_styles, quadrants)
             if rng.random() < self.malformed_rate:
                 replies.append(f"{think} Answer: {emotion}")  # forgot the tags
             else:
@@ -476,7 +519,10 @@ class ToyTeacher:
             if self.rule == "count":
                 count = max(1, seen["count"])
                 color = COLOR_WHEEL[(COLOR_WHEEL.index(color) - count) % len(COLOR_WHEEL)]
-            think = reasoning_for(self.style, background, color, seen["shape"], label, count, self.count_styles)
+            quadrants = (self._listing(self._rng(f"hint:{image_id}"), seen, color, count)
+                         if self.count_styles is STEPWISE_STYLES else None)
+            think = reasoning_for(self.style, background, color, seen["shape"], label, count, self.count_styles,
+                                  quadrants)
             replies.append(cot_target(think, label))
         return replies
 
