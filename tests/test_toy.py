@@ -217,21 +217,36 @@ def test_model_sizes_set_the_image_tokens(tmp_path):
     assert (cfg.scale_factor, cfg.vision_config.hidden_size, cfg.vision_config.num_hidden_layers) == (1, 128, 3)
 
 
-def test_stepwise_reasoning_states_the_facts_but_no_landing_colour(tmp_path):
+def test_stepwise_reasoning_goes_round_the_quadrants_and_names_no_landing_colour(tmp_path):
+    quadrants = ["green", None, "red", None]
     for style in toy.STEPWISE_STYLES:
-        for count in range(1, 5):
-            emotion = toy.counting_rule("dark", "green", count)
-            think = toy.reasoning_for(style, "dark", "green", "square", emotion, count, toy.STEPWISE_STYLES)
-            assert toy.facts_from_text(think) == ("dark", "green", count)
-            assert [w for w in toy._words(think) if w in toy.COLORS] == ["green"] * len(
-                [w for w in toy._words(think) if w in toy.COLORS])   # every colour named is one in the image
-            assert think.endswith(f" {emotion}.")
-    toy.write_toy_dataset(tmp_path, "stepwise", seed=0, sizes={"train": 12, "val": 2, "test": 2})
+        emotion = toy.counting_rule("dark", "green", 2)
+        think = toy.reasoning_for(style, "dark", "green", "square", emotion, 2, toy.STEPWISE_STYLES, quadrants)
+        assert toy.facts_from_text(think) == ("dark", "green", 2)
+        assert toy.quadrants_from_text(think) == quadrants
+        # every colour it names is in the image (the landing colour, blue here, is not named)
+        assert {w for w in toy._words(think) if w in toy.COLORS} == {"green", "red"}
+        assert think.endswith(f" {emotion}.")
+    toy.write_toy_dataset(tmp_path, "stepwise", seed=0, sizes={"train": 24, "val": 2, "test": 2})
     records, _ = read_emoset_split(tmp_path, "train")
     items = [(r["id"], load_image(tmp_path, r)) for r in records]
-    rule = [read_annotation(tmp_path, r)["toy"]["rule_emotion"] for r in records]
-    teacher = toy.ToyTeacher("terse:stepwise", error_rate=0.0, malformed_rate=0.0)
-    assert teacher.rule == "count"
-    assert [parse_answer(t) for t in teacher.blind(items)] == rule
-    thinks = [(i, t.split("<think>")[1].split("</think>")[0]) for (i, _), t in zip(items, teacher.blind(items))]
-    assert [parse_answer(t) for t in teacher.from_reasoning(thinks)] == rule
+    truth = [read_annotation(tmp_path, r)["toy"] for r in records]
+    perfect = toy.ToyTeacher("terse:stepwise", error_rate=0.0, malformed_rate=0.0)
+    assert perfect.rule == "count"
+    replies = perfect.blind(items)
+    assert [parse_answer(t) for t in replies] == [t["rule_emotion"] for t in truth]
+    for reply, t in zip(replies, truth):   # the listing is what the pixels show
+        listed = toy.quadrants_from_text(reply)
+        assert sum(q is not None for q in listed) == t["count"] and t["color"] in listed
+    thinks = [(i, t.split("<think>")[1].split("</think>")[0]) for (i, _), t in zip(items, replies)]
+    assert [parse_answer(t) for t in perfect.from_reasoning(thinks)] == [t["rule_emotion"] for t in truth]
+    # a teacher that always errs misreads one fact, and its listing agrees with what it then says
+    sloppy = toy.ToyTeacher("describer:stepwise", error_rate=1.0, malformed_rate=0.0)
+    for reply in sloppy.blind(items):
+        think = reply.split("<think>")[1].split("</think>")[0]
+        background, color, count = toy.facts_from_text(think)
+        listed = toy.quadrants_from_text(think)
+        assert sum(q is not None for q in listed) == count and color in listed
+        assert parse_answer(reply) == toy.counting_rule(background, color, count)
+    hinted = perfect.hinted([(i, img, t["rule_emotion"]) for (i, img), t in zip(items, truth)])
+    assert [parse_answer(t) for t in hinted] == [t["rule_emotion"] for t in truth]
