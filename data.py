@@ -70,21 +70,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def path_in_root(root: str | os.PathLike, rel: str, where: str) -> Path:
-    """ROOT/rel, refused (DataError naming `where`) unless it stays inside the data root.
+    """ROOT/rel, refused (DataError naming `where`) when the entry itself leaves the data root.
 
-    A split or COT file is input like any other: an entry such as "../../etc/x.png", an absolute
-    path, or a symlink that points outside ROOT would make the reader open files the user never
-    meant to hand over. Symlinks are resolved, so a link inside ROOT to a file inside ROOT is fine."""
+    A split or COT file is input like any other: an entry such as "../../etc/x.png" or an absolute
+    path would make the reader open files the user never pointed it at, so both are refused. What
+    lies inside ROOT is the user's own layout and is followed as it is: on a shared disk `image/`
+    is typically a symlink to one shared copy of the dataset, and refusing it would refuse the
+    usual setup. (The file is still only ever decoded as an image, by PIL.)"""
     if not isinstance(rel, str) or not rel:
         raise DataError(f"{where}: expected a non-empty relative path, got {rel!r}")
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise DataError(f"{where}: path {rel!r} leaves the data root {root} (absolute or with '..'); "
                         "paths must be relative to the data root")
-    path = Path(root) / rel
-    real, real_root = path.resolve(), Path(root).resolve()
-    if real != real_root and real_root not in real.parents:
-        raise DataError(f"{where}: path {rel!r} resolves to {real}, outside the data root {real_root} (a symlink?)")
-    return path
+    return Path(root) / rel
 
 
 def _parse_split_entry(entry, where: str) -> dict:
