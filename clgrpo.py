@@ -33,7 +33,7 @@ import eval as evaluation
 import vlm
 from data import (EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args, float_in,
                   int_at_least, load_images, output_path_problem, read_emoset_split, read_val_for_training,
-                  truncate_jsonl_after_step)
+                  run_cli, truncate_jsonl_after_step)
 from rewards import combined_reward
 
 # =============================================================================================
@@ -610,4 +610,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,7 +28,7 @@ import vlm
 from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json,
                   config_from_args, cot_target, float_in, int_at_least, label_target, load_images,
                   output_path_problem, read_cot_records, read_emoset_split, read_val_for_training,
-                  truncate_jsonl_after_step)
+                  run_cli, truncate_jsonl_after_step)
 
 IGNORE = -100
 TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template is rendered once
@@ -243,4 +243,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

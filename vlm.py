@@ -790,7 +790,7 @@ def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
     if not resume:
         return None
     if not (ckpt / "trainer_state.pt").is_file():
-        raise SystemExit(f"--resume: {ckpt / 'trainer_state.pt'} not found, so there is nothing to resume; "
+        raise SystemExit(f"error: --resume: {ckpt / 'trainer_state.pt'} not found, so there is nothing to resume; "
                          "nothing was changed. Check --out, or drop --resume to start a fresh run in that folder.")
     return ckpt
 
