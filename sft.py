@@ -43,10 +43,13 @@ def build_sft_batch(processor, images: list, targets: list[str], padding_side: s
 
     Each row is the chat template's own rendering of the conversation (prompt + reply, cut right
     after the end-of-turn token), tokenised by the processor in one call, so every per-token
-    tensor it returns (token-type ids, multimodal token types) covers the whole row. The labelled
-    tail must be exactly the reply's own tokenisation: the tokens generation would produce after
-    the prompt. Left padding (default) puts every target at the end of its row, so only the last
-    (longest target + 1) positions need logits."""
+    tensor it returns (token-type ids, multimodal token types) covers the whole row. The labels
+    are that row's ids after the prompt's own ids (the generation prompt tokenised alone, as
+    sampling and eval tokenise it): exactly what generation must produce after the prompt. The
+    reply is never tokenised on its own: SentencePiece tokenizers (Llama / Mistral, Gemma) put a
+    prefix space before text that starts a piece, so a reply tokenised alone is not the tail of
+    the joint rendering. Left padding (default) puts every target at the end of its row, so only
+    the last (longest target + 1) positions need logits."""
     tok = processor.tokenizer
     prompt = vlm.chat_prompt(processor)
     wrapper = vlm.assistant_reply(processor, TARGET_SLOT)  # the template around a reply is the same for all
@@ -54,16 +57,22 @@ def build_sft_batch(processor, images: list, targets: list[str], padding_side: s
     side, tok.padding_side = tok.padding_side, padding_side
     try:
         batch = dict(vlm.tokenize_chat(processor, images, [prompt + reply for reply in replies]))
+        prompts = vlm.tokenize_chat(processor, images, [prompt] * len(images))
     finally:
         tok.padding_side = side
+    eot = tok.convert_tokens_to_ids(vlm.end_of_turn_token(processor))
     labels = torch.full_like(batch["input_ids"], IGNORE)
     for i, reply in enumerate(replies):
-        reply_ids = torch.tensor(tok(reply, add_special_tokens=False)["input_ids"])
-        end = int(batch["attention_mask"][i].nonzero().max()) + 1  # one past the row's last real token
-        if not torch.equal(batch["input_ids"][i, end - len(reply_ids):end], reply_ids):
-            raise ValueError(f"target {i}: the prompt + reply text does not tokenise as prompt tokens + reply tokens "
-                             f"(a token spans the boundary); reply {reply[:60]!r}")
-        labels[i, end - len(reply_ids):end] = reply_ids
+        columns = batch["attention_mask"][i].nonzero().squeeze(1)   # the row's real tokens, either padding side
+        row = batch["input_ids"][i, columns]
+        head = prompts["input_ids"][i][prompts["attention_mask"][i].bool()]
+        if not torch.equal(row[:len(head)], head):
+            raise ValueError(f"target {i}: the prompt's tokens are not a prefix of the prompt + reply's tokens "
+                             f"(the tokenizer merges across the end of the prompt); reply {reply[:60]!r}")
+        if len(row) == len(head) or row[-1].item() != eot:
+            raise ValueError(f"target {i}: the prompt + reply does not end with the end-of-turn token "
+                             f"{tok.convert_ids_to_tokens(eot)!r}; reply {reply[-60:]!r}")
+        labels[i, columns[len(head):]] = row[len(head):]
     batch["labels"] = labels
     return batch
 
