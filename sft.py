@@ -91,6 +91,20 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
 
+def accumulate_gradients(model, batches, grad_accum: int, autocast) -> torch.Tensor:
+    """Forward and backward of each micro-batch (inputs moved to the model's device), its loss
+    divided by `grad_accum` so that the summed gradients are those of the mean loss over the
+    optimizer step. Returns the summed loss, detached (read once per step: one host sync)."""
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    for batch in batches:
+        with autocast:
+            loss = sft_loss(model, {k: v.to(device) for k, v in batch.items()}) / grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
     """LR multiplier: linear warm-up from 0 over `warmup` steps, then cosine decay to min_ratio."""
     if step < warmup:
@@ -204,17 +218,15 @@ def main(argv=None) -> dict:
     last = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < last:
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
-            chunk, images = load_images(cfg.data, [examples[i] for i in sampler.next_batch(cfg.batch_size)], unreadable)
-            if not chunk:
-                continue
-            batch = build_sft_batch(processor, images, [r["target"] for r in chunk])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                loss = sft_loss(model, batch) / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
+
+        def micro_batches():
+            for _ in range(cfg.grad_accum):
+                chunk, images = load_images(cfg.data, [examples[i] for i in sampler.next_batch(cfg.batch_size)],
+                                            unreadable)
+                if chunk:   # a draw whose images are all unreadable adds nothing
+                    yield build_sft_batch(processor, images, [r["target"] for r in chunk])
+
+        loss_sum = accumulate_gradients(model, micro_batches(), cfg.grad_accum, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         loss_value, grad_value = loss_sum.item(), grad_norm.item()  # one sync per step, also for the log
         if not math.isfinite(loss_value) or not math.isfinite(grad_value):  # check BEFORE stepping
