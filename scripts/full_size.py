@@ -339,6 +339,12 @@ def cot_targets(processor, labels: list[str], tokens: int) -> list[str]:
     return [cot_target(think, label) for label in labels]
 
 
+def tensor_gib(model) -> float:
+    """Bytes of the model's parameters, GiB (exact; the resident set cannot show weights that are still
+    memory-mapped from the checkpoint file and not yet touched)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30
+
+
 def sft_step(name: str, folder: Path, data: Path, s: Settings, memory: Memory) -> dict:
     """One SFT step (B examples) with the README's flags: memory part by part, seconds."""
     import torch
@@ -351,7 +357,7 @@ def sft_step(name: str, folder: Path, data: Path, s: Settings, memory: Memory) -
                           *readme_flags(name, s)])
     base = memory.now()
     model, processor = vlm.load_for_training(cfg, None)
-    weights = memory.now() - base
+    weights = tensor_gib(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     records, _ = read_emoset_split(data, "train", limit=s.batch_size)
@@ -393,10 +399,10 @@ def grpo_steps(name: str, folder: Path, data: Path, s: Settings, memory: Memory)
                              "--logp-micro-batch", "16", *readme_flags(name, s)])
     base = memory.now()
     model, processor = vlm.load_for_training(cfg, None)
-    weights = memory.now() - base
+    loaded = memory.now()
     ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype, cfg.device)
     ref_model.eval().requires_grad_(False)
-    reference = memory.now() - base - weights
+    reference = memory.now() - loaded   # resident at once: the bf16 copy is made while loading
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -415,12 +421,13 @@ def grpo_steps(name: str, folder: Path, data: Path, s: Settings, memory: Memory)
         steps.append({"seconds": round(time.perf_counter() - t0, 2), "peak_gib": round(memory.peak() - base, 3),
                       **{k: round(metrics[k] - (base if k.startswith("mem_") else 0), 3) for k in keys},
                       "loss": metrics.get("loss"), "completion_len_mean": metrics["completion_len_mean"]})
-    return {"gib": {"policy_weights": round(weights, 3), "reference_bf16": round(reference, 3),
+    return {"gib": {"policy_weights": round(tensor_gib(model), 3), "reference_bf16": round(reference, 3),
                     "after_steps": round(memory.now() - base, 3)}, "steps": steps}
 
 
-def measure_model(name: str, s: Settings, work: Path) -> dict:
-    """Everything this script reports about one model (run in a process of its own)."""
+def measure_model(name: str, s: Settings, work: Path, out: Path) -> dict:
+    """Everything this script reports about one model (run in a process of its own), written to
+    `out` after each part, so that a run stopped half-way still leaves what it measured."""
     import torch
 
     torch.manual_seed(0)
@@ -430,8 +437,9 @@ def measure_model(name: str, s: Settings, work: Path) -> dict:
     write_data(data, max(8, s.batch_size))
     record["build_and_save_s"] = round(build_and_save(name, work / name), 1)
     record["process_gib_before"] = round(memory.now(), 3)
-    record["sft"] = sft_step(name, work / name, data, s, memory)
-    record["grpo"] = grpo_steps(name, work / name, data, s, memory)
+    for part, run in (("sft", sft_step), ("grpo", grpo_steps)):
+        record[part] = run(name, work / name, data, s, memory)
+        out.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -444,9 +452,10 @@ def run_in_child(name: str, s: Settings, work: Path) -> dict:
             "--grpo-steps", str(s.grpo_steps), "--work", str(work), "--out", str(out)]
     t0 = time.perf_counter()
     code = subprocess.call(argv, env=env)
-    if code != 0 or not out.is_file():
-        return {"model": name, "failed": f"exit status {code} (killed for memory if -9)",
-                "seconds": round(time.perf_counter() - t0, 1)}
+    if code != 0 or not out.is_file():   # what it measured before it stopped, if anything
+        done = json.loads(out.read_text()) if out.is_file() else {"model": name}
+        return {**done, "failed": f"exit status {code} (killed for memory if -9)",
+                "wall_s": round(time.perf_counter() - t0, 1)}
     return {**json.loads(out.read_text()), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -482,9 +491,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     s = settings_from(args)
     if args.child:
-        result = measure_model(args.child, s, Path(args.work))
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        return result
+        return measure_model(args.child, s, Path(args.work), Path(args.out))
     names = args.models.split(",")
     if args.dry_run:
         result = {"dry_run": True, "settings": asdict(s), "models": [model_plan(n, s) for n in names]}
