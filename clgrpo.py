@@ -34,7 +34,7 @@ import lora
 import vlm
 from data import (EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args, float_in,
                   int_at_least, load_images, output_path_problem, read_emoset_split, read_val_for_training,
-                  truncate_jsonl_after_step)
+                  run_cli, truncate_jsonl_after_step)
 from rewards import combined_reward
 
 # =============================================================================================
@@ -307,17 +307,23 @@ class GroupBatch:
 
 
 class Timer:
-    """Wall-clock seconds per phase (sampling / scoring / log-probs / update)."""
+    """Wall-clock seconds per phase (sampling / scoring / log-probs / update) and, on a GPU, the
+    peak memory allocated during each phase (GiB): where a run comes close to the card's limit."""
 
     def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
+        self.device, self.seconds, self.peak_gib = device, {}, {}
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         yield
-        if self.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()  # GPU work is asynchronous: wait, or its time lands in a later phase
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
@@ -511,7 +517,8 @@ def step_metrics(rounds: list[GroupBatch], batch: GroupBatch, updates: list[dict
         batch_zero_std_groups=int(batch.zero_std.sum()), useful_groups=useful,
         generations_per_useful_group=len(rewards) / useful if useful else None,
         tokens_per_s=lengths.sum().item() / max(1e-9, timer.seconds["sample"]),
-        **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()})
+        **{f"time_{k}": round(v, 4) for k, v in timer.seconds.items()},
+        **{f"mem_peak_{k}_gib": round(v, 3) for k, v in timer.peak_gib.items()})
     if updates:
         # The first update's ratio is exactly 1, so the clip fractions are diluted by 1/mu.
         keys = ["loss", "kl_mean", "frac_clipped_lower", "frac_clipped_upper", "ratio_mean", "grad_norm"]
@@ -628,4 +635,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from data import (EMOTIONS, INSTRUCTION, DataError, add_config_flags, append_jsonl, arg, atomic_write_json,
                   atomic_write_text, config_from_args, float_in, int_at_least, load_images, output_path_problem,
-                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail)
+                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail, run_cli)
 from rewards import THINK_CLOSE, THINK_OPEN, format_reward, normalize_emotion, parse_answer
 
 BLIND_PROMPT = INSTRUCTION
@@ -684,7 +684,7 @@ def export_main(argv=None) -> int:
             records, report = read_emoset_split(cfg.data, cfg.split, skip_missing=cfg.skip_missing)
             skipped = f"{report['skipped_missing']} entries with missing images skipped"
     except DataError as e:
-        raise SystemExit(f"cot_builder.py export: {e}") from e
+        raise SystemExit(f"error: cot_builder.py export: {e}") from None
     name = cfg.name or (Path(cfg.cot).stem if cfg.cot else cfg.split)
     path = export_records(records, cfg.data, cfg.to, cfg.out, name)
     print(f"wrote {len(records)} {cfg.to} rows to {path} ({skipped})")
@@ -693,5 +693,5 @@ def export_main(argv=None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["export"]:
-        sys.exit(export_main(sys.argv[2:]))
-    sys.exit(exit_code(main()))
+        sys.exit(run_cli(export_main, sys.argv[2:]))
+    sys.exit(exit_code(run_cli(main)))

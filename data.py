@@ -70,21 +70,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def path_in_root(root: str | os.PathLike, rel: str, where: str) -> Path:
-    """ROOT/rel, refused (DataError naming `where`) unless it stays inside the data root.
+    """ROOT/rel, refused (DataError naming `where`) when the entry itself leaves the data root.
 
-    A split or COT file is input like any other: an entry such as "../../etc/x.png", an absolute
-    path, or a symlink that points outside ROOT would make the reader open files the user never
-    meant to hand over. Symlinks are resolved, so a link inside ROOT to a file inside ROOT is fine."""
+    A split or COT file is input like any other: an entry such as "../../etc/x.png" or an absolute
+    path would make the reader open files the user never pointed it at, so both are refused. What
+    lies inside ROOT is the user's own layout and is followed as it is: on a shared disk `image/`
+    is typically a symlink to one shared copy of the dataset, and refusing it would refuse the
+    usual setup. (The file is still only ever decoded as an image, by PIL.)"""
     if not isinstance(rel, str) or not rel:
         raise DataError(f"{where}: expected a non-empty relative path, got {rel!r}")
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise DataError(f"{where}: path {rel!r} leaves the data root {root} (absolute or with '..'); "
                         "paths must be relative to the data root")
-    path = Path(root) / rel
-    real, real_root = path.resolve(), Path(root).resolve()
-    if real != real_root and real_root not in real.parents:
-        raise DataError(f"{where}: path {rel!r} resolves to {real}, outside the data root {real_root} (a symlink?)")
-    return path
+    return Path(root) / rel
 
 
 def _parse_split_entry(entry, where: str) -> dict:
@@ -341,6 +339,44 @@ def output_path_problem(path: str | os.PathLike, kind: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Errors at the command line: a data or configuration error is one line, not a traceback
+# ----------------------------------------------------------------------------------------------
+DEBUG_ENV = "CLGRPO_DEBUG"   # CLGRPO_DEBUG=1 (or --debug) shows the traceback of such an error
+DEBUG_HELP = f"show the Python traceback of a data or configuration error (also {DEBUG_ENV}=1)"
+# What a user fixes by changing their input: bad data (DataError), a refused model folder or setting
+# (ValueError), a missing or unreadable file or folder (OSError), a package the model needs (ImportError).
+USER_ERRORS = (DataError, ValueError, OSError, ImportError)
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    """--debug on the command line, or CLGRPO_DEBUG set to anything but '' or '0'."""
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def error_line(err: BaseException) -> str:
+    """`error: MESSAGE` on one line. Our own DataError messages already name the file and the entry
+    or line; any other error also names its type, which is then part of what to look up."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, DataError):
+        return f"error: {message}"
+    return f"error: {type(err).__name__}: {message} (rerun with --debug for the traceback)"
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """main(argv), with a data or configuration error printed as one `error: ...` line on stderr
+    and exit status 1 instead of a traceback (the traceback with --debug or CLGRPO_DEBUG=1).
+    Any other exception (a bug, out of memory) keeps its traceback: that is what to report."""
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        if debug_requested(argv):
+            raise
+        print(error_line(err), file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+# ----------------------------------------------------------------------------------------------
 # Crash-safe files.
 # JSONL: each record is ONE write of one complete line, then flush + fsync, so a crash leaves at
 # most a partial *last* line, which `repair_jsonl_tail` removes before a resumed run appends.
@@ -496,6 +532,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, default_note=None) ->
         elif "action" not in kwargs:
             kwargs.setdefault("type", _TYPES.get(kind, str))
         parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **kwargs)
+    # read by run_cli before anything else; listed here so that --help shows it and argparse accepts it
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
 def config_from_args(cls, namespace: argparse.Namespace, **base):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import vlm
 from data import (EMOTIONS, add_config_flags, arg, float_in, atomic_write_bytes, atomic_write_json, atomic_write_text,
                   config_from_args, int_at_least, load_images,
-                  output_path_problem, read_emoset_split, read_jsonl, valence)
+                  output_path_problem, read_emoset_split, read_jsonl, run_cli, valence)
 from rewards import format_reward, normalize_emotion, parse_answer
 
 INVALID = "invalid"
@@ -439,4 +439,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

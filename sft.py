@@ -29,7 +29,7 @@ import vlm
 from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json,
                   config_from_args, cot_target, float_in, int_at_least, label_target, load_images,
                   output_path_problem, read_cot_records, read_emoset_split, read_val_for_training,
-                  truncate_jsonl_after_step)
+                  run_cli, truncate_jsonl_after_step)
 
 IGNORE = -100
 TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template is rendered once
@@ -44,10 +44,13 @@ def build_sft_batch(processor, images: list, targets: list[str], padding_side: s
 
     Each row is the chat template's own rendering of the conversation (prompt + reply, cut right
     after the end-of-turn token), tokenised by the processor in one call, so every per-token
-    tensor it returns (token-type ids, multimodal token types) covers the whole row. The labelled
-    tail must be exactly the reply's own tokenisation: the tokens generation would produce after
-    the prompt. Left padding (default) puts every target at the end of its row, so only the last
-    (longest target + 1) positions need logits."""
+    tensor it returns (token-type ids, multimodal token types) covers the whole row. The labels
+    are that row's ids after the prompt's own ids (the generation prompt tokenised alone, as
+    sampling and eval tokenise it): exactly what generation must produce after the prompt. The
+    reply is never tokenised on its own: SentencePiece tokenizers (Llama / Mistral, Gemma) put a
+    prefix space before text that starts a piece, so a reply tokenised alone is not the tail of
+    the joint rendering. Left padding (default) puts every target at the end of its row, so only
+    the last (longest target + 1) positions need logits."""
     tok = processor.tokenizer
     prompt = vlm.chat_prompt(processor)
     wrapper = vlm.assistant_reply(processor, TARGET_SLOT)  # the template around a reply is the same for all
@@ -55,16 +58,22 @@ def build_sft_batch(processor, images: list, targets: list[str], padding_side: s
     side, tok.padding_side = tok.padding_side, padding_side
     try:
         batch = dict(vlm.tokenize_chat(processor, images, [prompt + reply for reply in replies]))
+        prompts = vlm.tokenize_chat(processor, images, [prompt] * len(images))
     finally:
         tok.padding_side = side
+    eot = tok.convert_tokens_to_ids(vlm.end_of_turn_token(processor))
     labels = torch.full_like(batch["input_ids"], IGNORE)
     for i, reply in enumerate(replies):
-        reply_ids = torch.tensor(tok(reply, add_special_tokens=False)["input_ids"])
-        end = int(batch["attention_mask"][i].nonzero().max()) + 1  # one past the row's last real token
-        if not torch.equal(batch["input_ids"][i, end - len(reply_ids):end], reply_ids):
-            raise ValueError(f"target {i}: the prompt + reply text does not tokenise as prompt tokens + reply tokens "
-                             f"(a token spans the boundary); reply {reply[:60]!r}")
-        labels[i, end - len(reply_ids):end] = reply_ids
+        columns = batch["attention_mask"][i].nonzero().squeeze(1)   # the row's real tokens, either padding side
+        row = batch["input_ids"][i, columns]
+        head = prompts["input_ids"][i][prompts["attention_mask"][i].bool()]
+        if not torch.equal(row[:len(head)], head):
+            raise ValueError(f"target {i}: the prompt's tokens are not a prefix of the prompt + reply's tokens "
+                             f"(the tokenizer merges across the end of the prompt); reply {reply[:60]!r}")
+        if len(row) == len(head) or row[-1].item() != eot:
+            raise ValueError(f"target {i}: the prompt + reply does not end with the end-of-turn token "
+                             f"{tok.convert_ids_to_tokens(eot)!r}; reply {reply[-60:]!r}")
+        labels[i, columns[len(head):]] = row[len(head):]
     batch["labels"] = labels
     return batch
 
@@ -81,6 +90,20 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1]
     targets = labels[:, -(keep - 1):] if keep > 1 else labels[:, :0]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def accumulate_gradients(model, batches, grad_accum: int, autocast) -> torch.Tensor:
+    """Forward and backward of each micro-batch (inputs moved to the model's device), its loss
+    divided by `grad_accum` so that the summed gradients are those of the mean loss over the
+    optimizer step. Returns the summed loss, detached (read once per step: one host sync)."""
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    for batch in batches:
+        with autocast:
+            loss = sft_loss(model, {k: v.to(device) for k, v in batch.items()}) / grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -201,17 +224,15 @@ def main(argv=None) -> dict:
     last = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < last:
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
-            chunk, images = load_images(cfg.data, [examples[i] for i in sampler.next_batch(cfg.batch_size)], unreadable)
-            if not chunk:
-                continue
-            batch = build_sft_batch(processor, images, [r["target"] for r in chunk])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                loss = sft_loss(model, batch) / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
+
+        def micro_batches():
+            for _ in range(cfg.grad_accum):
+                chunk, images = load_images(cfg.data, [examples[i] for i in sampler.next_batch(cfg.batch_size)],
+                                            unreadable)
+                if chunk:   # a draw whose images are all unreadable adds nothing
+                    yield build_sft_batch(processor, images, [r["target"] for r in chunk])
+
+        loss_sum = accumulate_gradients(model, micro_batches(), cfg.grad_accum, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         loss_value, grad_value = loss_sum.item(), grad_norm.item()  # one sync per step, also for the log
         if not math.isfinite(loss_value) or not math.isfinite(grad_value):  # check BEFORE stepping
@@ -249,4 +270,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -68,9 +68,18 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", device: str = "a
             raise ValueError(f"{path}: {err}") from None
     model.to(resolve_device(device))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # the cache is useless (and wasteful) in a checkpointed forward
+        enable_activation_checkpointing(model)
     return model, processor
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of storing them (the
+    `--gradient-checkpointing` flag), with torch's non-reentrant checkpoint: it supports inputs
+    that need no gradient (a frozen vision tower's features) and a backward that is split in two
+    (ImageFeatures.backward). transformers 5 names this activation checkpointing;
+    `gradient_checkpointing_enable` is its deprecated alias."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # the cache is useless (and wasteful) in a checkpointed forward
 
 
 def check_image_text_to_text(path: Path):
@@ -801,7 +810,7 @@ def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
     if not resume:
         return None
     if not (ckpt / "trainer_state.pt").is_file():
-        raise SystemExit(f"--resume: {ckpt / 'trainer_state.pt'} not found, so there is nothing to resume; "
+        raise SystemExit(f"error: --resume: {ckpt / 'trainer_state.pt'} not found, so there is nothing to resume; "
                          "nothing was changed. Check --out, or drop --resume to start a fresh run in that folder.")
     return ckpt
 

@@ -8,7 +8,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from data import (EMOTIONS, DataError, append_jsonl, atomic_write_json, load_image, read_annotation,
+from data import (EMOTIONS, DataError, append_jsonl, atomic_write_json, load_image, read_annotation, read_cot_records,
                   read_emoset_split, read_jsonl, repair_jsonl_tail)
 
 
@@ -152,19 +152,45 @@ def test_truncate_log_after_step(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Faults: paths outside the root, empty splits, invalid COT records, unreadable images, flags
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bad", ["../outside.jpg", "image/../../outside.jpg", "/tmp/outside.jpg", "link/outside.jpg"])
-def test_paths_leaving_the_data_root_are_refused(tmp_path, bad):
-    root, outside = tmp_path / "root", tmp_path / "outside"
-    outside.mkdir()
-    Image.new("RGB", (8, 8)).save(outside / "outside.jpg")
+@pytest.mark.parametrize("bad", ["../outside.jpg", "image/../../outside.jpg", "/tmp/outside.jpg",
+                                 "image/anger/../../../outside.jpg"])
+def test_entries_that_leave_the_data_root_are_refused_and_named(tmp_path, bad):
+    root = tmp_path / "root"
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.jpg")
     make_emoset(root, [GOOD4])
-    (root / "link").symlink_to(outside)            # a symlink inside the root that points out of it
     (root / "train.json").write_text(json.dumps([GOOD4, ["anger", "x1", bad, "annotation/anger/anger_00001.json"]]))
-    with pytest.raises(DataError, match=r"train\.json entry 1 \(image\): path .*(leaves|outside) the data root"):
+    with pytest.raises(DataError, match=r"train\.json entry 1 \(image\): path .* leaves the data root"):
         read_emoset_split(root, "train")
-    with pytest.raises(DataError, match="outside|leaves"):
+    with pytest.raises(DataError, match=r"image of 'x1': path .* leaves the data root"):
         load_image(root, {"id": "x1", "image": bad})
+    cot = root / "cot.jsonl"
+    cot.write_text(json.dumps({**COT_OK, "image": bad}) + "\n")
+    with pytest.raises(DataError, match=r"cot\.jsonl line 1: .*leaves the data root"):
+        read_cot_records(cot, root)
+
+
+def test_symlinked_folders_and_files_inside_the_root_are_followed(tmp_path):
+    """The usual layout on a shared disk: the user's data root links `image/` (or single files) to
+    one shared copy of the dataset somewhere else. The reader follows those links."""
+    shared, root = tmp_path / "shared" / "EmoSet-118K", tmp_path / "mine"
+    make_emoset(shared, [GOOD4, GOOD3])
+    root.mkdir()
+    (root / "image").symlink_to(shared / "image", target_is_directory=True)       # a linked folder
+    (root / "annotation").mkdir()
+    for rel in (GOOD4[3], GOOD3[2]):                                                # linked files
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(shared / rel)
+    (root / "train.json").write_text((shared / "train.json").read_text())
+    records, report = read_emoset_split(root, "train")
+    assert report["read"] == 2
+    assert [load_image(root, r).size for r in records] == [(8, 8), (8, 8)]
+    assert read_annotation(root, records[0])["emotion"] == "anger"
+    cot = root / "cot.jsonl"
+    cot.write_text(json.dumps(COT_OK) + "\n")
+    assert read_cot_records(cot, root)[0][0]["image"] == GOOD4[2]
+    (shared / GOOD3[1]).write_bytes(b"not an image")   # a followed link still has to decode as an image
+    with pytest.raises(DataError, match=r"cannot read image of 'awe_00002'"):
+        load_image(root, records[1])
 
 
 def test_a_symlink_inside_the_root_is_fine(tmp_path):

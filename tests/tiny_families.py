@@ -4,8 +4,12 @@
 `save_pretrained`) a few-hundred-K-parameter checkpoint of one family: the real architecture
 class, the real processor class with its PIL (torchvision-free) image processor, that family's
 real chat template (verbatim, source named next to each constant) and its real special tokens
-with the same bos/eos/pad roles. Only the sizes are tiny, and the vocabulary: a byte-level BPE
-trained on the toy corpus (toy.build_tiny_tokenizer) with the family's special tokens first.
+with the same bos/eos/pad roles. Only the sizes are tiny, and the vocabulary, trained on the toy
+corpus with the family's special tokens first, in the tokenizer kind of the real checkpoint:
+byte-level BPE for SmolVLM, Qwen, InternVL and OneVision (toy.build_tiny_tokenizer), and
+SentencePiece-style BPE ("▁" for spaces, byte fallback) built with the real tokenizer class for
+LLaVA-NeXT-Mistral (LlamaTokenizer, the legacy layout that prefixes a space to text after each
+special token) and Gemma 3 (GemmaTokenizer), so that tokenisation boundary effects are tested.
 
 Families whose processor has a video processor (SmolVLM2, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL,
 LLaVA-OneVision) are built without it (`vlm.image_only_class`): every video processor needs
@@ -334,9 +338,9 @@ INTERNVL_LISTED = QWEN_LISTED + ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "
                                   "</box>"]  # the -hf conversion adds these to Qwen2.5-VL's list
 INTERNVL_EXTRA = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                   "video_token": "<video>"}
-GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                    "<end_of_image>", "<image_soft_token>"]
-GEMMA3_ROLES = dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+GEMMA3_ROLES = dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", mask_token="<mask>")
 GEMMA3_EXTRA = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 LLAVA_NEXT_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]  # <image> 32000, <pad> 32001 in the real one
 LLAVA_NEXT_ROLES = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -362,9 +366,10 @@ PATCH = 8
 
 
 def family_tokenizer(specials: list[str], bos_first: str | None = None, listed: list[str] = (), **kwargs):
-    """Tiny BPE with the family's special tokens first; `bos_first` makes every encoding start with
-    that token, as the Llama/Mistral and Gemma tokenizers do (add_bos_token=True); `listed` are the
-    real tokenizer's additional special tokens (in all_special_ids: skipped when decoding)."""
+    """Tiny byte-level BPE with the family's special tokens first (SmolVLM, Qwen, InternVL and
+    OneVision really use byte-level BPE); `bos_first` makes every encoding start with that token;
+    `listed` are the real tokenizer's additional special tokens (in all_special_ids: skipped when
+    decoding)."""
     from tokenizers import processors
 
     # the demo phrasing only: the families' tokenizers stay as they were before the hard toy
@@ -376,6 +381,50 @@ def family_tokenizer(specials: list[str], bos_first: str | None = None, listed: 
         bos_id = tok.convert_tokens_to_ids(bos_first)
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_first} $A", pair=f"{bos_first} $A {bos_first} $B", special_tokens=[(bos_first, bos_id)])
+    return tok
+
+
+# Config a real SentencePiece checkpoint carries that the tokenizer class does not save by itself
+# (written into tokenizer_config.json after saving): llava-v1.6-mistral-7b-hf's Llama tokenizer is
+# the legacy one, which puts a prefix space ("▁") before the text after every special token.
+TOKENIZER_CONFIG = {"llava_next": {"legacy": True, "add_bos_token": True}, "gemma3": {"add_bos_token": True}}
+
+
+def sentencepiece_tokenizer(kind: str, specials: list[str], corpus_extra: tuple[str, ...] = (), **kwargs):
+    """A tiny SentencePiece-style BPE built with the real tokenizer class of the checkpoint:
+    `LlamaTokenizer` (kind "llama": Llama / Mistral, e.g. llava-v1.6-mistral) or `GemmaTokenizer`
+    (kind "gemma": Gemma 3). Spaces are "▁", unknown bytes fall back to <0x00>..<0xFF> (ids
+    right after the specials, as in the real vocabularies), and the class sets the real
+    pre-tokenizer, prefix-space rule and decoder, so the boundary effects of these tokenizers (a
+    prefix space on text tokenised alone, "▁" merged into the next word) are those of the
+    real ones. Merges are learned on words split at spaces, as SentencePiece learns them, so no
+    token spans two words. <think>/<answer> stay plain text: the real vocabularies lack them."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    corpus = toy.tokenizer_corpus(("colour",)) + list(corpus_extra) * 4
+    trainer_tok = Tokenizer(models.BPE(unk_token=kwargs.get("unk_token"), byte_fallback=True))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if kind == "llama" else "never", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=specials, show_progress=False)
+    trainer_tok.train_from_iterator(corpus, trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]
+    pieces = [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    vocab = {t: i for i, t in enumerate([*specials, *(f"<0x{b:02X}>" for b in range(256)), *pieces])}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    cls = LlamaTokenizer if kind == "llama" else GemmaTokenizer
+    settings = TOKENIZER_CONFIG["llava_next" if kind == "llama" else "gemma3"]
+    tok = cls(vocab=vocab, merges=merges, padding_side="left", **settings, **kwargs)
+    if kind == "llama":
+        # llava-v1.6-mistral-7b-hf's tokenizer.json is the legacy Llama layout, which transformers loads as
+        # written: a normalizer that prepends "▁" to every piece of text between special tokens (also to
+        # one that already starts with a space) and no pre-tokenizer.
+        tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                                 normalizers.Replace(" ", "▁")])
+        tok.backend_tokenizer.pre_tokenizer = None
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tok
 
 
@@ -534,7 +583,8 @@ def build_gemma3():
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    tok = family_tokenizer(GEMMA3_SPECIALS, bos_first="<bos>", extra_special_tokens=GEMMA3_EXTRA, **GEMMA3_ROLES)
+    tok = sentencepiece_tokenizer("gemma", GEMMA3_SPECIALS, ("user", "model"), extra_special_tokens=GEMMA3_EXTRA,
+                                  **GEMMA3_ROLES)
     image_processor = Gemma3ImageProcessorPil(size={"height": TILE, "width": TILE}, do_pan_and_scan=False)
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
                                 chat_template=GEMMA3_TEMPLATE)
@@ -558,8 +608,8 @@ def build_llava_next():
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    tok = family_tokenizer(LLAVA_NEXT_SPECIALS, bos_first="<s>", extra_special_tokens={"image_token": "<image>"},
-                           **LLAVA_NEXT_ROLES)
+    tok = sentencepiece_tokenizer("llama", LLAVA_NEXT_SPECIALS, ("[INST] Which emotion? [/INST]",),
+                                  extra_special_tokens={"image_token": "<image>"}, **LLAVA_NEXT_ROLES)
     pinpoints = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE]]
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": TILE},
                                                  crop_size={"height": TILE, "width": TILE},
@@ -621,6 +671,9 @@ def build_tiny_family(name: str, out: str | Path, seed: int = 0) -> Path:
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if name in TOKENIZER_CONFIG:
+        config_file = out / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **TOKENIZER_CONFIG[name]}, indent=2))
     if name in VIDEO_PROCESSOR:
         # Written by hand (the class cannot be built without torchvision), as the real folders
         # carry one: AutoProcessor then fails the way it does on a real checkpoint.
