@@ -102,8 +102,9 @@ def run_results(run: Path) -> tuple[dict[str, dict], str]:
             m["zero_std"] = zero_std_share(list(read_jsonl(log_path))) if log_path.exists() else None
             m["log"] = str(log_path)
             predictions = run / folder / f"predictions_{name}.jsonl"
-            if truth is not None and predictions.exists():
-                m.update({f"fact_{k}": v for k, v in fact_row(list(read_jsonl(predictions)), truth).items()})
+            preds = list(read_jsonl(predictions)) if truth is not None and predictions.exists() else []
+            if any("<think>" in p["completion"] for p in preds):   # (the label baseline states no facts)
+                m.update({f"fact_{k}": v for k, v in fact_row(preds, truth).items()})
             rows[name + suffix] = m
     return rows, split
 
