@@ -8,8 +8,8 @@
 # usage: bash demo.sh [--device cpu|cuda|auto] [--seed N] [--out DIR] [--redo]
 #                     [--difficulty stepwise|demo|hard|easy] [--clip-ablation] [--seeds "0 1 2" [--jobs N]]
 #   --redo           rerun finished stages (default: skip them; an interrupted stage resumes)
-#   --difficulty D   the toy setting (default demo; stepwise = the counting rule with one-glance facts,
-#                    still under study: its student does not yet read the count, docs/experiments.md)
+#   --difficulty D   the toy setting (default demo; stepwise = the counting rule with facts the tiny
+#                    student reads, under study: it does not yet combine them, docs/experiments.md)
 #   --clip-ablation  also, from this run's stage 3, the same 4th stage under every clip setting:
 #                    0.2/0.2 (= stage 3 continued), 0.2/0.1 (stage 4's preset), 0.1/0.2, 0.1/0.1, 0.2/0.28
 #   --seeds LIST     the table over seeds: this run with --clip-ablation for each seed in LIST (into
