@@ -230,6 +230,7 @@ class Settings:
     num_generations: int
     max_new_tokens: int
     grpo_steps: int
+    lora_rank: int | None = None   # LoRA adapters of this rank (lora.py): base frozen, no reference model
 
 
 class Memory:
@@ -323,9 +324,11 @@ def build_and_save(name: str, folder: Path) -> float:
 
 
 def readme_flags(name: str, s: Settings) -> list[str]:
-    """The hardware flags of the README's commands ($GPU), on this run's device."""
+    """The hardware flags of the README's commands ($GPU), on this run's device (and its LoRA
+    variant's `--lora-rank`)."""
+    lora_flags = ["--lora-rank", str(s.lora_rank)] if s.lora_rank else []
     return ["--bf16", "--gradient-checkpointing", "--device", s.device,
-            "--max-image-tokens", str(MODELS[name].max_image_tokens)]
+            "--max-image-tokens", str(MODELS[name].max_image_tokens), *lora_flags]
 
 
 def cot_targets(processor, labels: list[str], tokens: int) -> list[str]:
@@ -392,16 +395,19 @@ def grpo_steps(name: str, folder: Path, data: Path, s: Settings, memory: Memory)
     import clgrpo
     import vlm
     from data import load_images, read_emoset_split
+    ref_dtype = [] if s.lora_rank else ["--ref-dtype", "bfloat16"]   # with LoRA there is no reference model
     cfg = clgrpo.parse_args(["--stage", "3", "--model", str(folder), "--data", str(data), "--out",
-                             str(data.parent / "rl"), "--ref-dtype", "bfloat16", "--lr", "1e-6", "--batch-size",
+                             str(data.parent / "rl"), *ref_dtype, "--lr", "1e-6", "--batch-size",
                              str(s.batch_size), "--num-generations", str(s.num_generations), "--max-new-tokens",
                              str(s.max_new_tokens), "--micro-batch", str(MODELS[name].micro_batch),
                              "--logp-micro-batch", "16", *readme_flags(name, s)])
     base = memory.now()
     model, processor = vlm.load_for_training(cfg, None)
     loaded = memory.now()
-    ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype, cfg.device)
-    ref_model.eval().requires_grad_(False)
+    ref_model = None   # with LoRA the reference is the policy with its adapters off (clgrpo.reference_logprobs)
+    if not s.lora_rank:
+        ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype, cfg.device)
+        ref_model.eval().requires_grad_(False)
     reference = memory.now() - loaded   # resident at once: the bf16 copy is made while loading
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
@@ -449,7 +455,8 @@ def run_in_child(name: str, s: Settings, work: Path) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     argv = [sys.executable, __file__, "--child", name, "--device", s.device, "--batch-size", str(s.batch_size),
             "--num-generations", str(s.num_generations), "--max-new-tokens", str(s.max_new_tokens),
-            "--grpo-steps", str(s.grpo_steps), "--work", str(work), "--out", str(out)]
+            "--grpo-steps", str(s.grpo_steps), "--work", str(work), "--out", str(out),
+            *(["--lora-rank", str(s.lora_rank)] if s.lora_rank else [])]
     t0 = time.perf_counter()
     code = subprocess.call(argv, env=env)
     if code != 0 or not out.is_file():   # what it measured before it stopped, if anything
@@ -463,7 +470,7 @@ def run_in_child(name: str, s: Settings, work: Path) -> dict:
 def settings_from(args) -> Settings:
     gpu = args.device == "cuda"   # defaults: the README's settings on a GPU, a small step on the CPU
     return Settings(args.device, args.batch_size or (8 if gpu else 2), args.num_generations or (8 if gpu else 2),
-                    args.max_new_tokens or (256 if gpu else 16), args.grpo_steps or (3 if gpu else 1))
+                    args.max_new_tokens or (256 if gpu else 16), args.grpo_steps or (3 if gpu else 1), args.lora_rank)
 
 
 def parse_args(argv=None):
@@ -475,6 +482,7 @@ def parse_args(argv=None):
     p.add_argument("--num-generations", type=int, help="completions per prompt G (default: 8 on cuda, 2 on cpu)")
     p.add_argument("--max-new-tokens", type=int, help="completion length (default: 256 on cuda, 16 on cpu)")
     p.add_argument("--grpo-steps", type=int, help="GRPO steps to time (default: 3 on cuda, 1 on cpu)")
+    p.add_argument("--lora-rank", type=int, help="measure the LoRA variant: adapters of this rank, no reference model")
     p.add_argument("--out", help="write the results (or the plan) as JSON to this file")
     p.add_argument("--work", help="folder for the built checkpoints (default: a temporary folder; each is GBs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (sizes, tokens, settings, estimates) "
