@@ -26,7 +26,9 @@ def test_gpu_dry_run_plans_the_readme_settings(full_size, tmp_path):
     plan = full_size.main(["--dry-run", "--device", "cuda", "--out", str(tmp_path / "plan.json")])
     assert json.loads((tmp_path / "plan.json").read_text()) == plan
     assert plan["settings"] == {"device": "cuda", "batch_size": 8, "num_generations": 8, "max_new_tokens": 256,
-                                "grpo_steps": 3}
+                                "grpo_steps": 3, "lora_rank": None}
+    lora = full_size.main(["--dry-run", "--device", "cuda", "--models", "smolvlm-256m", "--lora-rank", "16"])
+    assert lora["settings"]["lora_rank"] == 16
     assert [m["model"] for m in plan["models"]] == list(full_size.MODELS)
     for m in plan["models"]:
         params, spec = m["parameters"], full_size.MODELS[m["model"]]
