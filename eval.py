@@ -114,11 +114,11 @@ def predict(model, processor, root, records: list[dict], batch_size: int = 32, m
         raise ValueError("greedy decoding gives one completion per image: use samples=1")
     out = []
     skipped = {} if skipped is None else skipped
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     for s in tqdm(range(0, len(records), batch_size), desc="eval", disable=not progress, leave=False):
         chunk, images = load_images(root, records[s:s + batch_size], skipped)
         if not chunk:
             continue
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
         rollout = vlm.sample_completions(model, processor, images, group_size=samples, max_new_tokens=max_new_tokens,
                                          **sampling)
         rows = [r for r in chunk for _ in range(samples)]  # generate() keeps each image's samples together

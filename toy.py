@@ -63,9 +63,9 @@ DIFFICULTIES = {
     # The counting rule made easy to *see*, not easy to *infer*. Every shape has a fixed size: the
     # largest one a radius of 10 px, the others 5.5 px (0.3 of its area), one shape per quadrant,
     # no two the same colour. So the largest one's colour is also the colour covering most
-    # pixels, and the count can be read off the coloured area: both are one-glance features, as
-    # the demo's facts are. The rule, and so what a label alone says about each fact, is the same
-    # as `hard`.
+    # pixels, and the count can be read off the coloured area or by looking at the four quadrants
+    # in turn (what the `:stepwise` teachers do). The rule, and so what a label alone says about
+    # each fact, is the same as `hard`.
     "stepwise": dict(rule="count", layout="quadrants", distinct_colors=True, size=(10, 10), objects=(1, 4),
                      other_scale=(0.55, 0.55), bright=(150, 225), dark=(30, 105), color_jitter=20, label_noise=0.05),
 }
