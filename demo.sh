@@ -6,10 +6,12 @@
 #   sampled at temperature 1) -> the facts each stage's reasoning gets right.
 #
 # usage: bash demo.sh [--device cpu|cuda|auto] [--seed N] [--out DIR] [--redo]
-#                     [--difficulty stepwise|demo|hard|easy] [--clip-ablation] [--seeds "0 1 2" [--jobs N]]
+#                     [--difficulty wheel|stepwise|demo|hard|easy] [--clip-ablation] [--seeds "0 1 2" [--jobs N]]
 #   --redo           rerun finished stages (default: skip them; an interrupted stage resumes)
-#   --difficulty D   the toy setting (default demo; stepwise = the counting rule with facts the tiny
-#                    student reads, under study: it does not yet combine them, docs/experiments.md)
+#   --difficulty D   the toy setting (default wheel: the counting rule on `stepwise` images, taught by
+#                    teachers that go round the quadrants and write the wheel step in numbers;
+#                    stepwise: the same images, teachers that leave the wheel step out; demo: the
+#                    one-glance colour rule; see docs/experiments.md)
 #   --clip-ablation  also, from this run's stage 3, the same 4th stage under every clip setting:
 #                    0.2/0.2 (= stage 3 continued), 0.2/0.1 (stage 4's preset), 0.1/0.2, 0.1/0.1, 0.2/0.28
 #   --seeds LIST     the table over seeds: this run with --clip-ablation for each seed in LIST (into
@@ -27,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEVICE=${DEVICE:-auto}; SEED=${SEED:-0}; OUT=${OUT:-}; REDO=0; CLIP_ABLATION=0; SEEDS=; JOBS=${JOBS:-1}
-DIFFICULTY=${DIFFICULTY:-demo}
+DIFFICULTY=${DIFFICULTY:-wheel}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --device) DEVICE=$2; shift 2 ;;
@@ -69,7 +71,13 @@ THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 # Budget per setting (docs/experiments.md has the measurements behind each number).
+DATA_DIFFICULTY=$DIFFICULTY
 case $DIFFICULTY in
+  wheel)    DATA_DIFFICULTY=stepwise; TEACHER_RULE=:wheel
+            SFT_STEPS=${SFT_STEPS:-1200}; MODEL_SIZE=${MODEL_SIZE:-tiny}; SFT_LR=${SFT_LR:-5e-4}
+            BASELINE_STEPS=${BASELINE_STEPS:-2400}   # labels only: twice the steps, and still flat
+            RL_LR=${RL_LR:-2e-5}         # 1e-4 wore the stepwise student's facts down (docs/experiments.md)
+            MAX_NEW=${MAX_NEW:-144} ;;   # the wheel reasoning runs to ~120 tokens
   stepwise) SFT_STEPS=${SFT_STEPS:-1200}; MODEL_SIZE=${MODEL_SIZE:-tiny}; TEACHER_RULE=:stepwise
             SFT_LR=${SFT_LR:-5e-4}        # 2e-3 held the colour reading back for ~1000 steps
             MAX_NEW=${MAX_NEW:-112} ;;    # the quadrant-by-quadrant reasoning runs to ~95 tokens
@@ -105,7 +113,7 @@ run() {
 }
 resume_flag() { [[ -f $1/checkpoint/trainer_state.pt && $REDO == 0 ]] && echo --resume || true; }
 
-run data    python toy.py data "$DATA" --difficulty "$DIFFICULTY" --seed "$SEED"
+run data    python toy.py data "$DATA" --difficulty "$DATA_DIFFICULTY" --seed "$SEED"
 run model   python toy.py model "$MODEL" --seed "$SEED" --size "$MODEL_SIZE"
 build_cot() {
   mkdir -p "$OUT/cot"; rm -f "$COT" "$COT".*      # a finished stage is never re-entered; start clean
@@ -120,6 +128,7 @@ SFT=("${SFT_LORA[@]}" --lr "$SFT_LR" --steps "$SFT_STEPS" --eval-every 100 --sav
 # progress bar goes to its log). Each is one deterministic process, so this changes no number.
 echo "== baseline: in the background, log in $OUT/baseline.log"
 run baseline python sft.py --mode label --model "$MODEL" --data "$DATA" --out "$OUT/baseline" "${SFT[@]}" \
+  --steps "${BASELINE_STEPS:-$SFT_STEPS}" \
   $(resume_flag "$OUT/baseline") > "$OUT/baseline.log" 2>&1 &
 baseline_pid=$!
 run stage1  python sft.py --mode cot --cot "$COT" --model "$MODEL" --data "$DATA" --out "$OUT/stage1" "${SFT[@]}" $(resume_flag "$OUT/stage1")
@@ -133,14 +142,24 @@ ROWS=(--model "$OUT/baseline" --name baseline --model "$OUT/stage1" --name stage
 if [[ $CLIP_ABLATION == 1 ]]; then
   # The same 4th stage from this run's stage 3 under every clip setting (eps_low/eps_high); the
   # stage-4 row itself is 0.2/0.1, and 0.2/0.2 is stage 3 continued for as many steps.
-  for clip in 0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28; do
-    lo=${clip%/*}; hi=${clip#*/}; name=abl_clip_${lo}_${hi}
-    run "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
-      --steps "$STAGE4_STEPS" --eps-low "$lo" --eps-high "$hi" "${RL_COMMON[@]}" $(resume_flag "$OUT/$name")
-    ROWS+=(--model "$OUT/$name" --name "$name")
+  # ABL_MU / ABL_LR add the study's variant in which the ratio moves further (more updates per
+  # batch, a larger step): all five settings again, 0.2/0.1 included, rows named ..._muM_lrL.
+  grid=("0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28|"); [[ -n ${ABL_MU:-}${ABL_LR:-} ]] &&
+    grid+=("0.2/0.1 0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28|_mu${ABL_MU:-2}_lr${ABL_LR:-$RL_LR}")
+  for entry in "${grid[@]}"; do
+    tag=${entry#*|}; ABL=(); [[ -n $tag ]] && ABL=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")  # after RL_COMMON: they win
+    for clip in ${entry%|*}; do
+      lo=${clip%/*}; hi=${clip#*/}; name=abl_clip_${lo}_${hi}$tag
+      run "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
+        --steps "$STAGE4_STEPS" --eps-low "$lo" --eps-high "$hi" "${RL_COMMON[@]}" "${ABL[@]}" \
+        $(resume_flag "$OUT/$name")
+      ROWS+=(--model "$OUT/$name" --name "$name")
+    done
   done
 fi
-run eval    python eval.py --data "$DATA" --split test --out "$OUT/eval" --device "$DEVICE" --max-new-tokens "$MAX_NEW" \
+# The evaluations rerun whenever the rows change (e.g. a later --clip-ablation on a finished run).
+rows_key=$(echo "${ROWS[*]}" | cksum | cut -d' ' -f1)
+run "eval_$rows_key" python eval.py --data "$DATA" --split test --out "$OUT/eval" --device "$DEVICE" --max-new-tokens "$MAX_NEW" \
   "${ROWS[@]}"
 # What GRPO itself sees: accuracy of completions sampled at the training temperature (1).
 SAMPLED=(--model "$OUT/stage1" --name stage1_sft --model "$OUT/stage2" --name stage2_format

@@ -351,6 +351,22 @@ STEPWISE_STYLES = {
                 "{bg_word} backdrop. {color} plus {count} in a {valence} mood means {emotion}."),
     "terse": "{bg_word} background. {quadrants}: count {count}, {color} largest. So {emotion}.",
 }
+# The wheel teachers (`:wheel`) write the stepwise reasoning and then the wheel step itself, in
+# numbers, never in colour words (lesson 1 above): the largest colour's place on the wheel
+# (red 1, yellow 2, green 3, blue 4), that place plus the count, round the wheel, and the emotion
+# of the background at the place it lands on. Each step joins two facts that sit side by side in
+# the text, so the student never has to compose three far-apart facts in one go.
+WHEEL_STYLES = {
+    "describer": ("The background is {bg_word}. {quadrants}. That makes {count_word} objects, and the largest "
+                  "is {color}. On the wheel {color} is {place}, and {place} plus {count} comes round to "
+                  "{landing_place}. A {bg_word} scene at {landing_place} suggests {emotion}."),
+    "counter": ("Going round: {quadrants}. Counting the shapes: {count_word}. The biggest is {color}, on a "
+                "{bg_word} backdrop. {color} is {place} on the wheel, {place} plus {count} is {landing_place}, "
+                "and {landing_place} in a {valence} mood means {emotion}."),
+    "terse": ("{bg_word} background. {quadrants}: count {count}, {color} largest. Wheel {place} plus {count} "
+              "is {landing_place}. {bg_word} at {landing_place}: {emotion}."),
+}
+LISTING_STYLES = (STEPWISE_STYLES, WHEEL_STYLES)   # the phrasings that go round the quadrants
 BG_WORDS = {"describer": ("bright", "dark"), "counter": ("light", "dim"), "terse": ("sunny", "gloomy")}
 NUMBER_WORDS = {**{w: n for n, w in enumerate(COUNT_WORDS)}, **{str(n): n for n in range(len(COUNT_WORDS))}}
 
@@ -359,8 +375,9 @@ def reasoning_for(style: str, background: str, color: str, shape: str | None, em
                   count: int | None = None, styles: dict | None = None, quadrants: list | None = None) -> str:
     """A teacher's reasoning in its own words: the demo rule's facts, or with `count` the
     counting rule's, phrased by `styles`: COUNT_STYLES, which name the landing colour that follows
-    from colour and count, or STEPWISE_STYLES, which list what each quadrant holds (`quadrants`:
-    a colour or None each, in QUADRANT_NAMES order) and name no landing colour."""
+    from colour and count, STEPWISE_STYLES, which list what each quadrant holds (`quadrants`:
+    a colour or None each, in QUADRANT_NAMES order) and name no landing colour, or WHEEL_STYLES,
+    which then also write the wheel step in numbers."""
     bg_word = BG_WORDS[style][0 if background == "bright" else 1]
     valence = "Positive" if background == "bright" else "Negative"
     if count is None:
@@ -369,10 +386,11 @@ def reasoning_for(style: str, background: str, color: str, shape: str | None, em
     listing = ", ".join(f"{name} {c or 'empty'}" for name, c in zip(QUADRANT_NAMES, quadrants or [None] * 4))
     if style == "describer":
         listing = listing[0].upper() + listing[1:]
-    return (styles or COUNT_STYLES)[style].format(bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion,
-                                                  quadrants=listing,
-                                      valence=valence.lower(), count=count, count_word=COUNT_WORDS[count],
-                                      count_cap=COUNT_WORDS[count].capitalize(), landing=landing_color(color, count))
+    place = COLOR_WHEEL.index(color) + 1   # counted from 1, as a person would
+    return (styles or COUNT_STYLES)[style].format(
+        bg_word=bg_word, color=color, shape=shape or "shape", emotion=emotion, quadrants=listing,
+        valence=valence.lower(), count=count, count_word=COUNT_WORDS[count], count_cap=COUNT_WORDS[count].capitalize(),
+        landing=landing_color(color, count), place=place, landing_place=(place - 1 + count) % len(COLOR_WHEEL) + 1)
 
 
 def _words(text: str) -> list[str]:
@@ -414,7 +432,8 @@ class ToyTeacher:
 
     `name` is a style (describer, counter, terse), optionally followed by `:hard` for the
     counting rule of `toy.py data --difficulty hard` (cot_builder's `toy:describer:hard`), or by
-    `:stepwise` for the same rule phrased without the landing colour (STEPWISE_STYLES).
+    `:stepwise` for the same rule phrased without the landing colour (STEPWISE_STYLES), or by
+    `:wheel` for stepwise reasoning that also writes the wheel step in numbers (WHEEL_STYLES).
     `error_rate`: chance of misperceiving one fact (hence a wrong, but self-consistent, answer);
     `malformed_rate`: chance of a reply without the required tags. Errors are a deterministic
     function of (teacher, image id, call kind) so reruns and resumes agree."""
@@ -423,10 +442,10 @@ class ToyTeacher:
                  malformed_rate: float = 0.02, seed: int = 0):
         presets = {"describer": 0.10, "counter": 0.20, "terse": 0.35}
         base, _, variant = name.partition(":")
-        if variant not in ("", "hard", "stepwise"):
-            raise ValueError(f"toy teacher {name!r}: expected NAME, NAME:hard or NAME:stepwise")
-        self.rule = "count" if variant in ("hard", "stepwise") else "colour"
-        self.count_styles = STEPWISE_STYLES if variant == "stepwise" else COUNT_STYLES
+        if variant not in ("", "hard", "stepwise", "wheel"):
+            raise ValueError(f"toy teacher {name!r}: expected NAME, NAME:hard, NAME:stepwise or NAME:wheel")
+        self.rule = "count" if variant else "colour"
+        self.count_styles = {"stepwise": STEPWISE_STYLES, "wheel": WHEEL_STYLES}.get(variant, COUNT_STYLES)
         self.name = f"toy:{name}"
         self.style = style or (base if base in STYLES else "describer")
         self.error_rate = presets.get(base, 0.2) if error_rate is None else error_rate
@@ -460,8 +479,8 @@ class ToyTeacher:
         else:
             color = seen["color"] or rng.choice(list(COLORS))
             background, color, count = self._maybe_err(rng, seen["background"], color)
-        stepwise = self.count_styles is STEPWISE_STYLES   # (only they list quadrants; others draw no more)
-        return background, color, count, seen["shape"], self._listing(rng, seen, color, count) if stepwise else None
+        listing = self.count_styles in LISTING_STYLES   # (only they list quadrants; others draw no more)
+        return background, color, count, seen["shape"], self._listing(rng, seen, color, count) if listing else None
 
     @staticmethod
     def _listing(rng: random.Random, seen: dict, color: str, count: int | None) -> list:
@@ -520,7 +539,7 @@ class ToyTeacher:
                 count = max(1, seen["count"])
                 color = COLOR_WHEEL[(COLOR_WHEEL.index(color) - count) % len(COLOR_WHEEL)]
             quadrants = (self._listing(self._rng(f"hint:{image_id}"), seen, color, count)
-                         if self.count_styles is STEPWISE_STYLES else None)
+                         if self.count_styles in LISTING_STYLES else None)
             think = reasoning_for(self.style, background, color, seen["shape"], label, count, self.count_styles,
                                   quadrants)
             replies.append(cot_target(think, label))

@@ -1,6 +1,7 @@
 """The toy EmoSet: determinism, layout, and that its pixels really carry the label."""
 
 import filecmp
+import re
 
 import pytest
 
@@ -147,7 +148,7 @@ def test_hard_hinted_reasoning_leads_to_the_given_label(hard_data):
 
 
 def test_unknown_teacher_variant_is_an_error():
-    with pytest.raises(ValueError, match="expected NAME, NAME:hard or NAME:stepwise"):
+    with pytest.raises(ValueError, match="expected NAME, NAME:hard, NAME:stepwise or NAME:wheel"):
         toy.ToyTeacher("describer:medium")
 
 
@@ -250,3 +251,27 @@ def test_stepwise_reasoning_goes_round_the_quadrants_and_names_no_landing_colour
         assert parse_answer(reply) == toy.counting_rule(background, color, count)
     hinted = perfect.hinted([(i, img, t["rule_emotion"]) for (i, img), t in zip(items, truth)])
     assert [parse_answer(t) for t in hinted] == [t["rule_emotion"] for t in truth]
+
+
+def test_wheel_reasoning_writes_the_wheel_step_in_numbers(tmp_path):
+    quadrants = [None, "blue", "red", "yellow"]
+    emotion = toy.counting_rule("bright", "blue", 3)      # blue is 4 on the wheel; 4 + 3 comes round to 3: green
+    assert emotion == toy.TOY_TABLE[("bright", "green")]
+    for style in toy.WHEEL_STYLES:
+        think = toy.reasoning_for(style, "bright", "blue", "circle", emotion, 3, toy.WHEEL_STYLES, quadrants)
+        assert toy.facts_from_text(think) == ("bright", "blue", 3)
+        assert toy.quadrants_from_text(think) == quadrants
+        assert re.search(r"\b4 plus 3 (comes round to|is) 3\b", think)
+        assert {w for w in toy._words(think) if w in toy.COLORS} == {"blue", "red", "yellow"}  # no "green"
+        assert think.endswith(f" {emotion}.")
+    toy.write_toy_dataset(tmp_path, "stepwise", seed=0, sizes={"train": 24, "val": 2, "test": 2})
+    records, _ = read_emoset_split(tmp_path, "train")
+    items = [(r["id"], load_image(tmp_path, r)) for r in records]
+    truth = [read_annotation(tmp_path, r)["toy"] for r in records]
+    replies = toy.ToyTeacher("counter:wheel", error_rate=0.0, malformed_rate=0.0).blind(items)
+    assert [parse_answer(t) for t in replies] == [t["rule_emotion"] for t in truth]
+    for reply in toy.ToyTeacher("terse:wheel", error_rate=1.0, malformed_rate=0.0).blind(items):
+        background, color, count = toy.facts_from_text(reply)   # errs, but stays self-consistent
+        place = toy.COLOR_WHEEL.index(color) + 1
+        assert f"{place} plus {count} is {(place - 1 + count) % 4 + 1}" in reply
+        assert parse_answer(reply) == toy.counting_rule(background, color, count)
