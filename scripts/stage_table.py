@@ -1,5 +1,5 @@
 """The stage table over seeds: mean +- std per row, each stage's share of zero-std groups, the
-facts each stage's reasoning gets right, pictures.
+facts each stage's reasoning gets right, the RL runs' entropy, KL and clip fractions, pictures.
 
     python scripts/stage_table.py RUN_DIR [RUN_DIR ...] --out DIR
 
@@ -32,12 +32,12 @@ FACTS = [("background", "bg"), ("colour", "colour"), ("count", "count"), ("all t
          ("implied answer", "implied")]
 
 
-def mean_pm_std(values: list[float], scale: float = 100.0) -> str:
+def mean_pm_std(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
     """`mean +- sample std` in percent (std 0 for one value); '-' for no values."""
     if not values:
         return "-"
     mean, std = statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * mean:.1f} +- {scale * std:.1f}"
+    return f"{scale * mean:{fmt}} +- {scale * std:{fmt}}"
 
 
 def ceiling_of(toy_info: dict, split: str = "test") -> float:
@@ -51,6 +51,38 @@ def zero_std_share(metrics_rows: list[dict]) -> float | None:
     """Mean over steps of `frac_zero_std` (None for runs that are not GRPO runs)."""
     values = [r["frac_zero_std"] for r in metrics_rows if isinstance(r.get("frac_zero_std"), (int, float))]
     return statistics.mean(values) if values else None
+
+
+# The RL rows' training diagnostics, from their logs: mean over steps (and the largest step) of
+# each. The clip fractions answer whether a clip setting can matter at all: a bound that no
+# token reaches changes nothing (the log's values are means over the mu updates, the first of
+# which has ratio exactly 1, so they are diluted by 1/mu).
+TRAINING = [("entropy", "entropy", 1.0, ".3f"), ("kl_mean", "KL", 1.0, ".3f"),
+            ("frac_clipped_lower", "clipped low %", 100.0, ".2f"),
+            ("frac_clipped_upper", "clipped high %", 100.0, ".2f")]
+
+
+def training_stats(metrics_rows: list[dict]) -> dict[str, float]:
+    """{key: mean over steps, key_max: largest step} for each TRAINING key the log has."""
+    out = {}
+    for key, *_ in TRAINING:
+        values = [r[key] for r in metrics_rows if isinstance(r.get(key), (int, float))]
+        if values:
+            out[key], out[f"{key}_max"] = statistics.mean(values), max(values)
+    return out
+
+
+def training_markdown(rows: dict[str, dict[str, list[float]]]) -> str:
+    """The RL rows' diagnostics: mean +- std over seeds of each run's mean, and the largest step."""
+    head = ["RL run"] + [f"{h} (max)" for _, h, *_ in TRAINING]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, vals in rows.items():
+        if "entropy" not in vals or name.endswith("@T1"):
+            continue
+        cells = [name] + [f"{mean_pm_std(vals[k], scale, fmt)} ({scale * max(vals[f'{k}_max']):{fmt}})"
+                          if k in vals else "-" for k, _, scale, fmt in TRAINING]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def stage_rows(per_seed: list[dict[str, dict]]) -> dict[str, dict[str, list[float]]]:
@@ -99,7 +131,9 @@ def run_results(run: Path) -> tuple[dict[str, dict], str]:
         split = split or results["split"]
         for name, m in results["results"].items():
             log_path = Path(m["model"]) / "metrics.jsonl"
-            m["zero_std"] = zero_std_share(list(read_jsonl(log_path))) if log_path.exists() else None
+            log = list(read_jsonl(log_path)) if log_path.exists() else []
+            m["zero_std"] = zero_std_share(log) if log else None
+            m.update(training_stats(log))
             m["log"] = str(log_path)
             predictions = run / folder / f"predictions_{name}.jsonl"
             preds = list(read_jsonl(predictions)) if truth is not None and predictions.exists() else []
@@ -128,6 +162,9 @@ def main(argv=None) -> None:
         ceilings.append(ceiling_of(json.loads((run / "data" / "toy_info.json").read_text()), split))
     rows = stage_rows(per_seed)
     table = markdown(rows, ceilings)
+    if diagnostics := training_markdown(rows):
+        table += ("\nRL runs' training logs: mean over steps, mean +- std over seeds (the largest step):\n\n"
+                  + diagnostics)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "stage_table.md", table)

@@ -301,6 +301,30 @@ def test_stage_table_mean_std_zero_std_and_ceiling():
     assert stage_table.zero_std_share([{"frac_zero_std": 1.0}, {"loss": 2.0}, {"frac_zero_std": 0.5}]) == 0.75
 
 
+def test_stage_table_reports_entropy_kl_and_clip_fractions_of_rl_runs():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import stage_table
+
+    log = [{"step": 1, "entropy": 0.5, "kl_mean": 0.0, "frac_clipped_lower": 0.0, "frac_clipped_upper": 0.02},
+           {"step": 2, "val_accuracy": 0.5},                     # an eval line: no training keys
+           {"step": 3, "entropy": 0.3, "kl_mean": 0.1, "frac_clipped_lower": 0.01, "frac_clipped_upper": 0.0}]
+    stats = stage_table.training_stats(log)
+    assert stats["entropy"] == pytest.approx(0.4) and stats["entropy_max"] == 0.5
+    assert stats["frac_clipped_lower"] == pytest.approx(0.005) and stats["frac_clipped_upper_max"] == 0.02
+    assert stage_table.training_stats([{"step": 1, "loss": 1.0}]) == {}          # an SFT log
+    per_seed = [{"stage3": {"accuracy": 0.7, **stats}, "stage3@T1": {"accuracy": 0.5, **stats}},
+                {"stage3": {"accuracy": 0.9, **{k: 2 * v for k, v in stats.items()}}}]
+    table = stage_table.training_markdown(stage_table.stage_rows(per_seed))
+    # entropy: seeds 0.4 and 0.8 -> 0.6 +- 0.283, the largest step 1.0; KL: 0.05 and 0.1 -> 0.075 +- 0.035,
+    # max 0.2; clipped low %: 0.5 and 1.0 -> 0.75 +- 0.35, max 2; clipped high %: 1 and 2 -> 1.5 +- 0.71, max 4
+    assert ("| stage3 | 0.600 +- 0.283 (1.000) | 0.075 +- 0.035 (0.200) | 0.75 +- 0.35 (2.00) "
+            "| 1.50 +- 0.71 (4.00) |") in table
+    assert "@T1" not in table
+    assert stage_table.training_markdown(stage_table.stage_rows([{"baseline": {"accuracy": 0.5}}])) == ""
+
+
 def test_sampled_eval_gives_samples_per_image_and_greedy_is_one(tiny, toy_data):
     import torch
 
