@@ -288,9 +288,8 @@ def bar_chart_png(rows: dict[str, list[float]], path: str | os.PathLike, title: 
     return img
 
 
-SIDE_BY_SIDE_KEYS = ["reward_mean", "reward_accuracy", "val_accuracy", "kl_mean", "frac_clipped_lower",
-                     "frac_clipped_upper",
-                     "frac_zero_std"]
+SIDE_BY_SIDE_KEYS = ["reward_mean", "reward_accuracy", "val_accuracy", "kl_mean", "entropy", "frac_clipped_lower",
+                     "frac_clipped_upper", "frac_zero_std"]
 
 
 def curves_side_by_side_png(runs: dict[str, list[str | os.PathLike]], path: str | os.PathLike,
