@@ -143,9 +143,10 @@ if [[ $CLIP_ABLATION == 1 ]]; then
   # The same 4th stage from this run's stage 3 under every clip setting (eps_low/eps_high); the
   # stage-4 row itself is 0.2/0.1, and 0.2/0.2 is stage 3 continued for as many steps.
   # ABL_MU / ABL_LR add the study's variant in which the ratio moves further (more updates per
-  # batch, a larger step): all five settings again, 0.2/0.1 included, rows named ..._muM_lrL.
+  # batch, a larger step), for the two readings of clip-low against the symmetric range:
+  # 0.2/0.1, 0.1/0.2 and 0.2/0.2, rows named ..._muM_lrL.
   grid=("0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28|"); [[ -n ${ABL_MU:-}${ABL_LR:-} ]] &&
-    grid+=("0.2/0.1 0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28|_mu${ABL_MU:-2}_lr${ABL_LR:-$RL_LR}")
+    grid+=("0.2/0.1 0.2/0.2 0.1/0.2|_mu${ABL_MU:-2}_lr${ABL_LR:-$RL_LR}")
   for entry in "${grid[@]}"; do
     tag=${entry#*|}; ABL=(); [[ -n $tag ]] && ABL=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")  # after RL_COMMON: they win
     for clip in ${entry%|*}; do
