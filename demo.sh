@@ -145,18 +145,21 @@ if [[ $CLIP_ABLATION == 1 ]]; then
   # ABL_MU / ABL_LR add the study's variant in which the ratio moves further (more updates per
   # batch, a larger step), for the two readings of clip-low against the symmetric range:
   # 0.2/0.1, 0.1/0.2 and 0.2/0.2, rows named ..._muM_lrL.
-  grid=("0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28|"); [[ -n ${ABL_MU:-}${ABL_LR:-} ]] &&
-    grid+=("0.2/0.1 0.2/0.2 0.1/0.2|_mu${ABL_MU:-2}_lr${ABL_LR:-$RL_LR}")
-  for entry in "${grid[@]}"; do
-    tag=${entry#*|}; ABL=(); [[ -n $tag ]] && ABL=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")  # after RL_COMMON: they win
-    for clip in ${entry%|*}; do
+  clip_runs() {   # clip_runs TAG CLIP...: one 4th stage per eps_low/eps_high, extra flags in ABL
+    local tag=$1 clip lo hi name; shift
+    for clip in "$@"; do
       lo=${clip%/*}; hi=${clip#*/}; name=abl_clip_${lo}_${hi}$tag
       run "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
         --steps "$STAGE4_STEPS" --eps-low "$lo" --eps-high "$hi" "${RL_COMMON[@]}" "${ABL[@]}" \
         $(resume_flag "$OUT/$name")
       ROWS+=(--model "$OUT/$name" --name "$name")
     done
-  done
+  }
+  ABL=(); clip_runs "" 0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28
+  if [[ -n ${ABL_MU:-}${ABL_LR:-} ]]; then
+    ABL=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")   # after RL_COMMON, so they win
+    clip_runs "_mu${ABL_MU:-2}_lr${ABL_LR:-$RL_LR}" 0.2/0.1 0.2/0.2 0.1/0.2
+  fi
 fi
 # The evaluations rerun whenever the rows change (e.g. a later --clip-ablation on a finished run).
 rows_key=$(echo "${ROWS[*]}" | cksum | cut -d' ' -f1)
