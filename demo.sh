@@ -2,8 +2,9 @@
 # The whole CLGRPO recipe on the embedded default (toy EmoSet + tiny VLM), offline:
 #   toy data -> tiny VLM -> COT construction (toy teachers) -> baseline SFT on labels and
 #   stage 1 SFT on COT (side by side) -> stage 2 GRPO (format) -> stage 3 GRPO (format + accuracy)
-#   -> stage 4 CLGRPO (clip-low) -> eval.py over baseline and stages 1-4 (greedy, and stage 1..4
-#   sampled at temperature 1) -> the facts each stage's reasoning gets right.
+#   -> stage 4 CLGRPO (clip-low) -> the table: eval.py on the test split for the baseline and
+#   stages 1-4 (greedy, and stages 1-4 sampled at temperature 1; each checkpoint evaluated in the
+#   background as soon as it is ready) -> the facts each stage's reasoning gets right.
 #
 # usage: bash demo.sh [--device cpu|cuda|auto] [--seed N] [--out DIR] [--redo]
 #                     [--difficulty wheel|stepwise|demo|hard|easy] [--clip-ablation] [--seeds "0 1 2" [--jobs N]]
@@ -101,17 +102,64 @@ mkdir -p "$OUT"
 DATA=$OUT/data; MODEL=$OUT/tiny_vlm; COT=$OUT/cot/train.jsonl
 TIMES=$OUT/times.tsv; [[ -f $TIMES ]] || printf 'stage\tseconds\n' > "$TIMES"
 
-# run NAME CMD...: skip if NAME finished before (unless --redo), time it, mark it done.
+# run NAME CMD...: skip if NAME finished before (unless --redo), time it, mark it done. Either way
+# it marks NAME ready for this invocation's evaluation lane (below).
 run() {
   local name=$1; shift
-  if [[ -f $OUT/.done_$name && $REDO == 0 ]]; then echo "== $name: done before, skipped (--redo to rerun)"; return; fi
+  if [[ -f $OUT/.done_$name && $REDO == 0 ]]; then
+    echo "== $name: done before, skipped (--redo to rerun)"; touch "$OUT/.ready_$name"; return
+  fi
   echo "== $name"
   local t0=$SECONDS
   "$@"
   printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> "$TIMES"
-  touch "$OUT/.done_$name"
+  touch "$OUT/.done_$name" "$OUT/.ready_$name"
 }
 resume_flag() { [[ -f $1/checkpoint/trainer_state.pt && $REDO == 0 ]] && echo --resume || true; }
+rm -f "$OUT"/.ready_*
+
+# The rows of the table, in order: NAME=folder, with the stage (run name) that makes it. Stages
+# 1-4 are also evaluated sampled at temperature 1, what GRPO itself sees.
+ROWS=(baseline=baseline stage1_sft=stage1 stage2_format=stage2 stage3_format_acc=stage3 stage4_clgrpo=stage4)
+T1_ROWS=" stage1_sft stage2_format stage3_format_acc stage4_clgrpo "
+# The clip study: the same 4th stage from this run's stage 3 under every clip setting
+# (eps_low/eps_high); the stage-4 row itself is 0.2/0.1, and 0.2/0.2 is stage 3 continued for as
+# many steps. ABL_MU / ABL_LR add the study's variant in which the ratio moves further (more updates
+# per batch, a larger step), for the two readings of clip-low against the symmetric range:
+# 0.2/0.1, 0.1/0.2 and 0.2/0.2, rows named ..._muM_lrL.
+ABLATION=()   # NAME:LOW/HIGH
+if [[ $CLIP_ABLATION == 1 ]]; then
+  for clip in 0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28; do ABLATION+=("abl_clip_${clip%/*}_${clip#*/}:$clip"); done
+  if [[ -n ${ABL_MU:-}${ABL_LR:-} ]]; then
+    VARIANT=_mu${ABL_MU:-2}_lr${ABL_LR:-$RL_LR}
+    for clip in 0.2/0.1 0.2/0.2 0.1/0.2; do ABLATION+=("abl_clip_${clip%/*}_${clip#*/}$VARIANT:$clip"); done
+  fi
+fi
+for entry in "${ABLATION[@]}"; do ROWS+=("${entry%%:*}=${entry%%:*}"); done
+
+# The evaluation lane: one background process that evaluates each row on the test split as soon
+# as its stage is ready, on the second core while the next stage trains (log: OUT/eval.log). Each
+# row is evaluated on its own (eval.py --append; each sampled row from the same seed), so the
+# numbers do not depend on when it runs.
+EVAL=(--data "$DATA" --split test --device "$DEVICE" --max-new-tokens "$MAX_NEW" --append)
+wait_ready() {   # wait_ready NAME: until stage NAME is ready; fails if the main script has gone
+  until [[ -f $OUT/.ready_$1 ]]; do kill -0 $$ 2>/dev/null || return 1; sleep 2; done
+}
+eval_lane() {
+  local row name folder
+  for row in "${ROWS[@]}"; do
+    name=${row%%=*}; folder=${row#*=}
+    wait_ready "$folder" || exit 1
+    run "eval_$name" python eval.py "${EVAL[@]}" --out "$OUT/eval" --model "$OUT/$folder" --name "$name"
+    if [[ $T1_ROWS == *" $name "* ]]; then
+      run "eval_t1_$name" python eval.py "${EVAL[@]}" --out "$OUT/eval_t1" --model "$OUT/$folder" --name "$name" \
+        --temperature 1 --samples "$EVAL_SAMPLES" --seed "$SEED"
+    fi
+  done
+}
+eval_lane > "$OUT/eval.log" 2>&1 &
+lane_pid=$!
+trap 'pkill -P $lane_pid 2>/dev/null || true; kill $lane_pid 2>/dev/null || true' EXIT
 
 run data    python toy.py data "$DATA" --difficulty "$DATA_DIFFICULTY" --seed "$SEED"
 run model   python toy.py model "$MODEL" --seed "$SEED" --size "$MODEL_SIZE"
@@ -125,51 +173,27 @@ run cot build_cot
 SFT=("${SFT_LORA[@]}" --lr "$SFT_LR" --steps "$SFT_STEPS" --eval-every 100 --save-every 100 --max-new-tokens "$MAX_NEW"
      --device "$DEVICE" --seed "$SEED")
 # The baseline and stage 1 do not depend on each other: train them side by side (the baseline's
-# progress bar goes to its log). Each is one deterministic process, so this changes no number.
+# progress bar goes to its log), and stage 2 starts as soon as stage 1 is done. Each is one
+# deterministic process, so this changes no number.
 echo "== baseline: in the background, log in $OUT/baseline.log"
 run baseline python sft.py --mode label --model "$MODEL" --data "$DATA" --out "$OUT/baseline" "${SFT[@]}" \
   --steps "${BASELINE_STEPS:-$SFT_STEPS}" \
   $(resume_flag "$OUT/baseline") > "$OUT/baseline.log" 2>&1 &
 baseline_pid=$!
 run stage1  python sft.py --mode cot --cot "$COT" --model "$MODEL" --data "$DATA" --out "$OUT/stage1" "${SFT[@]}" $(resume_flag "$OUT/stage1")
-wait "$baseline_pid" || { echo "the baseline failed: see $OUT/baseline.log" >&2; exit 1; }
 run stage2  python clgrpo.py --stage 2 --model "$OUT/stage1" --data "$DATA" --out "$OUT/stage2" --steps "$STAGE2_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage2")
 run stage3  python clgrpo.py --stage 3 --model "$OUT/stage2" --data "$DATA" --out "$OUT/stage3" --steps "$STAGE3_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage3")
 run stage4  python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/stage4" --steps "$STAGE4_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage4")
-ROWS=(--model "$OUT/baseline" --name baseline --model "$OUT/stage1" --name stage1_sft
-      --model "$OUT/stage2" --name stage2_format --model "$OUT/stage3" --name stage3_format_acc
-      --model "$OUT/stage4" --name stage4_clgrpo)
-if [[ $CLIP_ABLATION == 1 ]]; then
-  # The same 4th stage from this run's stage 3 under every clip setting (eps_low/eps_high); the
-  # stage-4 row itself is 0.2/0.1, and 0.2/0.2 is stage 3 continued for as many steps.
-  # ABL_MU / ABL_LR add the study's variant in which the ratio moves further (more updates per
-  # batch, a larger step), for the two readings of clip-low against the symmetric range:
-  # 0.2/0.1, 0.1/0.2 and 0.2/0.2, rows named ..._muM_lrL.
-  clip_runs() {   # clip_runs TAG CLIP...: one 4th stage per eps_low/eps_high, extra flags in ABL
-    local tag=$1 clip lo hi name; shift
-    for clip in "$@"; do
-      lo=${clip%/*}; hi=${clip#*/}; name=abl_clip_${lo}_${hi}$tag
-      run "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
-        --steps "$STAGE4_STEPS" --eps-low "$lo" --eps-high "$hi" "${RL_COMMON[@]}" "${ABL[@]}" \
-        $(resume_flag "$OUT/$name")
-      ROWS+=(--model "$OUT/$name" --name "$name")
-    done
-  }
-  ABL=(); clip_runs "" 0.2/0.2 0.1/0.2 0.1/0.1 0.2/0.28
-  if [[ -n ${ABL_MU:-}${ABL_LR:-} ]]; then
-    ABL=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")   # after RL_COMMON, so they win
-    clip_runs "_mu${ABL_MU:-2}_lr${ABL_LR:-$RL_LR}" 0.2/0.1 0.2/0.2 0.1/0.2
-  fi
-fi
-# The evaluations rerun whenever the rows change (e.g. a later --clip-ablation on a finished run).
-rows_key=$(echo "${ROWS[*]}" | cksum | cut -d' ' -f1)
-run "eval_$rows_key" python eval.py --data "$DATA" --split test --out "$OUT/eval" --device "$DEVICE" --max-new-tokens "$MAX_NEW" \
-  "${ROWS[@]}"
-# What GRPO itself sees: accuracy of completions sampled at the training temperature (1).
-SAMPLED=(--model "$OUT/stage1" --name stage1_sft --model "$OUT/stage2" --name stage2_format
-         --model "$OUT/stage3" --name stage3_format_acc --model "$OUT/stage4" --name stage4_clgrpo)
-run eval_t1 python eval.py --data "$DATA" --split test --out "$OUT/eval_t1" --device "$DEVICE" \
-  --max-new-tokens "$MAX_NEW" --temperature 1 --samples "$EVAL_SAMPLES" --seed "$SEED" "${SAMPLED[@]}"
+for entry in "${ABLATION[@]}"; do
+  name=${entry%%:*}; clip=${entry#*:}; extra=()
+  [[ $name == *_mu* ]] && extra=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")   # after RL_COMMON, so they win
+  run "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
+    --steps "$STAGE4_STEPS" --eps-low "${clip%/*}" --eps-high "${clip#*/}" "${RL_COMMON[@]}" "${extra[@]}" \
+    $(resume_flag "$OUT/$name")
+done
+wait "$baseline_pid" || { echo "the baseline failed: see $OUT/baseline.log" >&2; exit 1; }
+echo "== waiting for the evaluation lane (log: $OUT/eval.log)"
+wait "$lane_pid" || { echo "an evaluation failed: see $OUT/eval.log" >&2; exit 1; }
 
 echo; echo "Results (test split, %; greedy, then sampled at temperature 1), also in $OUT/stage_table.md:"
 python scripts/stage_table.py "$OUT" --out "$OUT"

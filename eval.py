@@ -3,7 +3,9 @@
     python eval.py --model runs/demo/baseline --model runs/demo/stage1 ... --data ROOT --split test
 
 Writes to --out: results.json, results.md (the table), predictions_<name>.jsonl (every
-completion) and confusion_<name>.png per checkpoint. The metric functions are pure: predictions
+completion) and confusion_<name>.png per checkpoint. With --append, the rows already in
+--out/results.json stay (same split and records; a row of the same name is replaced), so
+checkpoints can be evaluated one at a time as a pipeline produces them. The metric functions are pure: predictions
 and labels in, numbers out.
 """
 
@@ -387,6 +389,23 @@ class EvalConfig:
                              "the accuracy GRPO's samples have", type=float_in(0))
     samples: int = arg(1, "completions per image when sampling (metrics over all of them)", type=int_at_least(1))
     seed: int = arg(0, "sampling seed (with --temperature > 0)")
+    append: bool = arg(False, "keep the rows already in --out/results.json (same split and n); same name: replaced")
+
+
+def previous_rows(path: Path, split: str, n_records: int) -> tuple[dict, list]:
+    """The rows of an earlier results.json that --append adds to; none if there is no file. Rows
+    measured on another split or another number of records would not compare, so that is an error."""
+    if not path.exists():
+        return {}, []
+    try:
+        before = json.loads(path.read_text())
+        rows, n = before["results"], before["n"] + len(before["skipped_unreadable"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a results.json of eval.py ({e}); remove it or drop --append")
+    if before.get("split") != split or n != n_records:
+        raise SystemExit(f"{path}: its rows are on split {before.get('split')} with {n} records, this evaluation "
+                         f"on {split} with {n_records}; use another --out or drop --append")
+    return rows, before["skipped_unreadable"]
 
 
 def main(argv=None) -> None:
@@ -414,7 +433,8 @@ def main(argv=None) -> None:
         print(f"skipped {report['skipped_missing']} entries with missing images: {report['skipped_ids']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results, unreadable = {}, {}   # unreadable: id -> reason, shared so each image is warned about once
+    results, skipped_before = previous_rows(out / "results.json", args.split, len(records)) if args.append else ({}, [])
+    unreadable = {}   # id -> reason, shared so each image is warned about once
     for name, path in zip(names, args.model):
         model, processor = vlm.load_model(path, args.dtype, args.device, max_image_tokens=args.max_image_tokens)
         start = time.perf_counter()
@@ -429,8 +449,9 @@ def main(argv=None) -> None:
         confusion_png(metrics["confusion"], out / f"confusion_{name}.png", f"{name} ({args.split}, n={metrics['n']})")
         print(f"{name}: accuracy {metrics['accuracy']:.3f}, UAR {metrics['uar']:.3f} ({metrics['seconds']} s)")
     table = markdown_table(results)
-    n = len(records) - len(unreadable)
-    atomic_write_json(out / "results.json", {"split": args.split, "n": n, "skipped_unreadable": sorted(unreadable),
+    skipped_ids = sorted(set(skipped_before) | set(unreadable))
+    n = len(records) - len(skipped_ids)
+    atomic_write_json(out / "results.json", {"split": args.split, "n": n, "skipped_unreadable": skipped_ids,
                                              "results": results})
     atomic_write_text(out / "results.md", table)
     skipped = f", {len(unreadable)} unreadable images skipped" if unreadable else ""

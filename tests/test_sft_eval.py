@@ -372,3 +372,37 @@ def test_stage_table_reads_facts_of_counting_rule_runs(tmp_path):
     assert rows["stage1"]["fact_count"] == 1.0 and rows["stage1"]["fact_background"] == 1.0
     assert rows["stage1@T1"]["fact_count"] == 0.25 and rows["stage1@T1"]["fact_all three"] == 0.25
     assert rows["stage1@T1"]["fact_implied answer"] == 0.25   # a wrong count implies another emotion
+
+
+def test_eval_append_adds_rows_one_at_a_time_as_one_run_would(tmp_path, tiny_model_dir, toy_data, one_thread):
+    """demo.sh evaluates each checkpoint when its stage is ready: rows added one per call with
+    --append must equal the rows of one call over both models (sampled rows too: each row
+    starts from the same seed), in call order, and a rerun of a name replaces its row."""
+    common = ["--data", str(toy_data), "--limit", "6", "--max-new-tokens", "8", "--temperature", "1",
+              "--samples", "2", "--seed", "3"]
+    both, one_by_one = tmp_path / "both", tmp_path / "one_by_one"
+    evaluation.main(common + ["--out", str(both), "--model", str(tiny_model_dir), "--name", "a",
+                              "--model", str(tiny_model_dir), "--name", "b"])
+    for name in ("b", "a", "b"):
+        evaluation.main(common + ["--out", str(one_by_one), "--append", "--model", str(tiny_model_dir), "--name", name])
+    joint = json.loads((both / "results.json").read_text())
+    split = json.loads((one_by_one / "results.json").read_text())
+    assert list(split["results"]) == ["b", "a"]          # first appearance sets the order
+    for name in ("a", "b"):
+        drop = {"seconds"}
+        assert ({k: v for k, v in split["results"][name].items() if k not in drop}
+                == {k: v for k, v in joint["results"][name].items() if k not in drop})
+        assert ((one_by_one / f"predictions_{name}.jsonl").read_text()
+                == (both / f"predictions_{name}.jsonl").read_text())
+    assert split["n"] == joint["n"] == 6
+
+
+def test_eval_append_refuses_rows_of_another_split_or_size(tmp_path, tiny_model_dir, toy_data, capsys):
+    out = tmp_path / "eval"
+    base = ["--data", str(toy_data), "--max-new-tokens", "4", "--out", str(out), "--model", str(tiny_model_dir)]
+    evaluation.main(base + ["--limit", "3"])
+    with pytest.raises(SystemExit, match="on split test with 3 records, this evaluation on test with 4"):
+        evaluation.main(base + ["--limit", "4", "--append"])
+    (out / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a results.json of eval.py"):
+        evaluation.main(base + ["--limit", "3", "--append"])
