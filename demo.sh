@@ -21,12 +21,11 @@
 #                    --jobs N runs N seeds at a time (numbers do not depend on it)
 #   --hard           the previous hard toy's table: --difficulty hard --seeds "0 1 2" (OUT: runs/hard)
 # Every knob below can also be set from the environment (e.g. STAGE3_STEPS=40 bash demo.sh).
-# THREADS (default 1) fixes torch's CPU threads per process, RL_THREADS those of stages 2-4 (default
-# 2 for one seed: the baseline and stage 1 train side by side, one process each, but the RL stages
-# run one at a time beside the evaluation lane; 1 under --seeds, where the seeds share the cores).
-# The same seed, machine, THREADS and RL_THREADS give the same table; another thread count splits
-# the floating-point sums differently, so its numbers differ in the last digits, and after RL's
-# sampling, by more.
+# THREADS (default 1) fixes torch's CPU threads per process: the same seed, machine and THREADS
+# give the same table (another thread count splits the floating-point sums differently, so the
+# numbers differ in the last digits, and after RL's sampling by more). One thread each suits two
+# cores: the baseline and stage 1 train side by side, and the RL stages beside the evaluation lane
+# (two threads for the RL stages there made stage 3 1.5 times slower, docs/experiments.md).
 # LORA_RANK=8 runs stages 2-4 with LoRA adapters of rank 8, SFT_LORA_RANK=8 the baseline and stage 1
 #   (docs/lora.md: on the toy's random init LoRA suits stages 2-4, not SFT; RL_LR=1e-3 tracked
 #   full fine-tuning in stage 3), e.g. LORA_RANK=8 RL_LR=1e-3 bash demo.sh --out runs/demo_lora
@@ -58,7 +57,7 @@ if [[ -n $SEEDS ]]; then
   running=0; failed=0; pids=()
   for seed in $SEEDS; do
     clip=(--clip-ablation); [[ ${CLIP_STUDY:-1} == 0 ]] && clip=()   # CLIP_STUDY=0: the stages only
-    RL_THREADS=${RL_THREADS:-1} bash "$0" --difficulty "$DIFFICULTY" "${clip[@]}" --seed "$seed" --out "$OUT/seed$seed" \
+    bash "$0" --difficulty "$DIFFICULTY" "${clip[@]}" --seed "$seed" --out "$OUT/seed$seed" \
       --device "$DEVICE" "${pass[@]}" > "$OUT/seed$seed.log" 2>&1 &
     pids+=($!); running=$((running + 1)); echo "== $DIFFICULTY seed $seed (log: $OUT/seed$seed.log)"
     if (( running >= JOBS )); then wait -n || failed=1; running=$((running - 1)); fi
@@ -72,9 +71,8 @@ if [[ -n $SEEDS ]]; then
   exit 0
 fi
 OUT=${OUT:-runs/demo}
-THREADS=${THREADS:-1}; RL_THREADS=${RL_THREADS:-2}
+THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-rl() { OMP_NUM_THREADS=$RL_THREADS MKL_NUM_THREADS=$RL_THREADS python clgrpo.py "$@"; }   # a stage 2-4 run
 
 # Budget per setting (docs/experiments.md has the measurements behind each number).
 DATA_DIFFICULTY=$DIFFICULTY
@@ -187,13 +185,13 @@ run baseline python sft.py --mode label --model "$MODEL" --data "$DATA" --out "$
   $(resume_flag "$OUT/baseline") > "$OUT/baseline.log" 2>&1 &
 baseline_pid=$!
 run stage1  python sft.py --mode cot --cot "$COT" --model "$MODEL" --data "$DATA" --out "$OUT/stage1" "${SFT[@]}" $(resume_flag "$OUT/stage1")
-run stage2  rl --stage 2 --model "$OUT/stage1" --data "$DATA" --out "$OUT/stage2" --steps "$STAGE2_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage2")
-run stage3  rl --stage 3 --model "$OUT/stage2" --data "$DATA" --out "$OUT/stage3" --steps "$STAGE3_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage3")
-run stage4  rl --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/stage4" --steps "$STAGE4_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage4")
+run stage2  python clgrpo.py --stage 2 --model "$OUT/stage1" --data "$DATA" --out "$OUT/stage2" --steps "$STAGE2_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage2")
+run stage3  python clgrpo.py --stage 3 --model "$OUT/stage2" --data "$DATA" --out "$OUT/stage3" --steps "$STAGE3_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage3")
+run stage4  python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/stage4" --steps "$STAGE4_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage4")
 for entry in "${ABLATION[@]}"; do
   name=${entry%%:*}; clip=${entry#*:}; extra=()
   [[ $name == *_mu* ]] && extra=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")   # after RL_COMMON, so they win
-  run "$name" rl --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
+  run "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
     --steps "$STAGE4_STEPS" --eps-low "${clip%/*}" --eps-high "${clip#*/}" "${RL_COMMON[@]}" "${extra[@]}" \
     $(resume_flag "$OUT/$name")
 done
