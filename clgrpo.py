@@ -298,7 +298,7 @@ class GroupBatch:
     components: dict[str, list[float]]           # reward component -> [N] values
     zero_std: torch.Tensor                       # [B] the group's G rewards are all equal
     advantages: torch.Tensor | None = None       # [N] group-relative, on the model's device
-    old_logp: torch.Tensor | None = None         # [N, T] pi_old, when mu > 1 (else the policy's, detached)
+    old_logp: torch.Tensor | None = None         # [N, T] pi_old: the first update's own log-probs, detached
     ref_logp: torch.Tensor | None = None         # [N, T] pi_ref, when beta != 0
 
     @property
@@ -356,8 +356,8 @@ def grpo_step(policy: Policy, records: list[dict], images: list, cfg: GRPOConfig
     lr, updates = policy.scheduler.get_last_lr()[0], []
     if cfg.beta != 0 or not bool(batch.zero_std.all()):
         with timer.phase("logprobs"):
-            add_frozen_logprobs(policy, batch, cfg)                                # 4. pi_ref and pi_old, no grad
-        with timer.phase("update"):
+            add_reference_logprobs(policy, batch, cfg)                             # 4. pi_ref, no grad
+        with timer.phase("update"):                                                # 5. (update 1 also gives pi_old)
             updates = [policy_update(policy, batch, cfg, with_entropy=(k == 0)) for k in range(cfg.mu)]  # 5.
     step_scheduler(policy.scheduler)
     return step_metrics(rounds, batch, updates, timer, lr, cfg), updates
@@ -433,14 +433,16 @@ def assemble_batch(processor, rounds: list[GroupBatch], cfg: GRPOConfig, device)
 
 
 @torch.no_grad()
-def add_frozen_logprobs(policy: Policy, batch: GroupBatch, cfg: GRPOConfig) -> None:
-    """pi_ref's log-probs (the frozen start of the stage) when beta != 0, and pi_old's (the policy
-    before this step's updates) when mu > 1; with mu = 1 the update uses its own, detached."""
+def add_reference_logprobs(policy: Policy, batch: GroupBatch, cfg: GRPOConfig) -> None:
+    """pi_ref's log-probs (the frozen start of the stage) when beta != 0.
+
+    pi_old needs no pass of its own: it is the policy that sampled, and the first update's forward
+    runs on exactly those weights (no optimizer step comes before all of its chunks have run), so
+    policy_update keeps that forward's detached log-probs as pi_old for updates 2..mu."""
     r = batch.rollout
     args = (r.prompts, r.completion_ids, r.completion_mask, r.group_size, cfg.temperature, cfg.logp_micro_batch)
     with policy.autocast:
         batch.ref_logp = reference_logprobs(policy, args) if cfg.beta != 0 else None
-        batch.old_logp = vlm.completion_logprobs(policy.model, *args) if cfg.mu > 1 else None
 
 
 def reference_logprobs(policy: Policy, args: tuple) -> torch.Tensor:
@@ -460,6 +462,8 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
     n, mask = r.completion_ids.shape[0], r.completion_mask
     step = cfg.micro_batch or n
     totals: dict[str, torch.Tensor] = {}
+    first_update = batch.old_logp is None   # its forward is pi_old's: the weights have not moved since sampling
+    old_chunks = []
     with policy.autocast:  # the B images go through the vision tower once; every chunk's rows share them
         features = vlm.encode_images(model, r.prompts, chunked_backward=True)
     for s in range(0, n, step):
@@ -468,8 +472,10 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
             out = vlm.completion_logprobs(model, r.prompts, r.completion_ids[s:e], mask[s:e], r.group_size,
                                           cfg.temperature, with_entropy=with_entropy, features=features, first_row=s)
         logp, entropy = out if with_entropy else (out, None)
-        # mu = 1: the policy has not moved since sampling, so pi_old = pi_theta (detached).
-        old = batch.old_logp[s:e] if batch.old_logp is not None else logp.detach()
+        # Update 1: the policy has not moved since sampling, so pi_old = pi_theta (detached): rho = 1
+        # in value, with the policy gradient as its gradient. Updates 2..mu reuse these log-probs.
+        old = logp.detach() if first_update else batch.old_logp[s:e]
+        old_chunks.append(old)
         ref = batch.ref_logp[s:e] if batch.ref_logp is not None else None
         loss, stats = grpo_loss(logp, old, ref, batch.advantages[s:e], mask[s:e], cfg.eps_low, cfg.eps_high,
                                 cfg.beta, cfg.aggregation, cfg.max_new_tokens)
@@ -481,6 +487,8 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
         for k, v in stats.items():                                      # diagnostics: row-weighted means
             totals[k] = totals.get(k, 0.0) + v * ((e - s) / n)
     features.backward()  # the chunks' summed gradient on the image features, through the vision tower once
+    if first_update and cfg.mu > 1:
+        batch.old_logp = torch.cat(old_chunks)   # kept before the optimizer step moves the weights
     params = [p for p in model.parameters() if p.requires_grad]
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     if not torch.isfinite(totals["grad_norm"]) or not torch.isfinite(totals["loss"]):
@@ -514,6 +522,9 @@ def step_metrics(rounds: list[GroupBatch], batch: GroupBatch, updates: list[dict
         completion_len_mean=lengths.mean().item(), completion_len_max=lengths.max().item(),
         frac_truncated=torch.cat([r.rollout.truncated for r in rounds]).float().mean().item(),
         gen_rounds=len(rounds), generations=len(rewards), skipped_update=int(not updates), lr=lr,
+        # the forward passes that ran: pi_old is update 1's own forward, never a pass of its own
+        passes="+".join([f"sample*{len(rounds)}"] + ["reference"] * (bool(updates) and cfg.beta != 0)
+                        + [f"update*{len(updates)}"] * bool(updates)),
         batch_zero_std_groups=int(batch.zero_std.sum()), useful_groups=useful,
         generations_per_useful_group=len(rewards) / useful if useful else None,
         tokens_per_s=lengths.sum().item() / max(1e-9, timer.seconds["sample"]),

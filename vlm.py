@@ -304,6 +304,7 @@ class Family:
     per_token: tuple            # per-token tensors the processor returns besides input_ids/attention_mask
     pixels: str                 # how the processor lays out pixel tensors for one image per prompt
     knob: str                   # the image processor setting --max-image-tokens sets
+    shared_prompt: bool = True  # prompt states computed once per group (prompt_states); proven in the tests
 
 
 FAMILIES = {
@@ -657,8 +658,10 @@ def sample_completions(model, processor, images: list, group_size: int = 1, max_
                        prompt: str | list[str] | None = None) -> Rollout:
     """Sample `group_size` completions for each image in ONE batched generate call.
 
-    The B prompts are preprocessed once; generate() encodes their images once and expands the
-    image features and the KV-cached prefill to G rows per prompt (num_return_sequences).
+    The B prompts are preprocessed once and their images encoded once; the B prompts are
+    prefilled once and the G rows of each continue from its shared KV cache (prompt_states). A
+    family that does not share the prompt uses generate(num_return_sequences=G), which expands
+    the prompt to G rows before prefilling.
     `prompt`: one chat prompt for all images, one per image, or None for the standard one.
     Pure temperature sampling: top_k is disabled, so the sampling distribution is exactly
     softmax(logits / temperature), the one `completion_logprobs` scores.
@@ -677,13 +680,62 @@ def sample_completions(model, processor, images: list, group_size: int = 1, max_
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
-    sequences = model.generate(**prompts, **gen_kwargs)
+    if shares_prompt(model):   # prefill the B prompts once, continue G rows from their shared cache
+        completion_ids = _sample_from_shared_prompt(model, prompts, group_size, max_new_tokens, do_sample,
+                                                    temperature, top_p, gen_kwargs["suppress_tokens"], eos,
+                                                    processor.tokenizer.pad_token_id)
+    else:
+        sequences = model.generate(**prompts, **gen_kwargs)
+        completion_ids = sequences[:, prompts["input_ids"].shape[1]:]
     model.train(was_training)
-    completion_ids = sequences[:, prompts["input_ids"].shape[1]:]
     mask, truncated = completion_mask_from_ids(completion_ids, eos)
     pad = processor.tokenizer.pad_token_id
     texts = processor.tokenizer.batch_decode(completion_ids * mask + pad * (1 - mask), skip_special_tokens=True)
     return Rollout(prompts, group_size, completion_ids, mask, truncated, texts)
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+                 blocked: list[int]) -> torch.Tensor:
+    """One token per row from last-position logits [N, V], as generate() picks it: blocked
+    tokens to -inf, then greedy argmax, or temperature, nucleus (top-p) and a multinomial draw."""
+    scores = logits.float().clone()
+    if blocked:
+        scores[:, blocked] = -float("inf")
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    scores = scores / temperature
+    if top_p < 1.0:   # drop the least likely tokens whose total probability is at most 1 - top_p
+        ordered, order = scores.sort(dim=-1)
+        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[:, -1] = False   # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_tokens: int, do_sample: bool,
+                               temperature: float, top_p: float, blocked: list[int], eos: list[int],
+                               pad: int) -> torch.Tensor:
+    """Completion ids [B*G, T]: the B prompts run once (prompt_states), each of the G rows of a
+    prompt starts from its cache and adds one token per step. A finished row (it sampled an EOS)
+    gets `pad` from then on; the loop stops when every row has finished or at max_new_tokens."""
+    b = prompts["input_ids"].shape[0]
+    device = prompts["input_ids"].device
+    states = prompt_states(model, prompts, encode_images(model, prompts), list(range(b)), max_new_tokens)
+    index = torch.arange(b, device=device).repeat_interleave(group_size)
+    logits, cache = states.last_logits[index], None
+    eos_ids = torch.tensor(eos, device=device)
+    done = torch.zeros(len(index), dtype=torch.bool, device=device)
+    tokens = []
+    for j in range(max_new_tokens):
+        nxt = _next_tokens(logits, do_sample, temperature, top_p, blocked).masked_fill(done, pad)
+        tokens.append(nxt)
+        done |= torch.isin(nxt, eos_ids)
+        if bool(done.all()) or j == max_new_tokens - 1:
+            break
+        mask = torch.ones(len(index), j + 1, dtype=torch.long, device=device)
+        out, cache = _continue_rows(model, states, index, nxt[:, None], mask, start=j, cache=cache)
+        logits = out[:, -1, :]
+    return torch.stack(tokens, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,7 +743,8 @@ def sample_completions(model, processor, images: list, group_size: int = 1, max_
 # ---------------------------------------------------------------------------------------------
 def _forward_completion_logits(model, inputs: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                                image_features: dict):
-    """Logits that predict each completion token: [N, T, V]."""
+    """Logits that predict each completion token: [N, T, V], the per-row path: every row runs
+    its whole prompt again (the fallback when `shares_prompt(model)` is False)."""
     n, t = completion_ids.shape
     batch = dict(inputs)
     prompt_len = inputs["input_ids"].shape[1]
@@ -709,14 +762,120 @@ def _forward_completion_logits(model, inputs: dict, completion_ids: torch.Tensor
     return logits[:, :-1, :]
 
 
+# ---------------------------------------------------------------------------------------------
+# The prompt once per group: its keys and values are computed for B rows and shared by G rows
+# ---------------------------------------------------------------------------------------------
+# In a causal model a prompt token attends only to earlier tokens, so the prompt's keys and
+# values (at every layer) do not depend on the completion that follows. The G completions of a
+# prompt can therefore attend to ONE copy of them: the prompt runs on B rows, its cache is
+# expanded to the G rows (an index, so the gradient of a shared state is the sum over its rows),
+# and each completion row runs only its own tokens. This is what generation does with a KV cache.
+@dataclass
+class PromptStates:
+    """What the completion rows of B prompts need from the prompts' forward pass."""
+    cache: list                    # per layer (keys, values) [B, heads, P, d]
+    last_logits: torch.Tensor      # [B, V] logits after the last prompt token: they predict completion token 0
+    attention_mask: torch.Tensor   # [B, P] the prompts' mask (left padding)
+    positions: torch.Tensor        # [B, M] or [3, B, M] (mrope): positions of completion tokens 0..M-1
+
+    def for_rows(self, index: torch.Tensor):
+        """A fresh DynamicCache for the rows whose prompts are `index` (a prompt repeats G times)."""
+        from transformers import DynamicCache
+        return DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v in self.cache])
+
+
+def shares_prompt(model) -> bool:
+    """Is the prompt computed once per group (prompt_states) for this model? Not for a family
+    where it is not proven exact (Family.shared_prompt), nor under activation checkpointing:
+    transformers' checkpointed layers drop the KV cache, so the per-row path is used there."""
+    family = FAMILIES.get(model.config.model_type)
+    checkpointed = model.training and getattr(model, "is_activation_checkpointing", False)
+    return bool(family is None or family.shared_prompt) and not checkpointed
+
+
+def _completion_positions(model, prompts: dict, length: int) -> torch.Tensor:
+    """Positions of `length` completion tokens after each prompt, as the per-row path gives them:
+    the next positions after the prompt's attended tokens (left padding is invisible). With
+    Qwen's multimodal RoPE the 3-D positions of the prompt plus `length` text tokens come from
+    the model's own get_rope_index (text positions depend only on the token types and the mask)."""
+    mask = prompts["attention_mask"]
+    b = mask.shape[0]
+    if not uses_mrope(model):
+        start = mask.long().sum(-1, keepdim=True)
+        return start + torch.arange(length, device=mask.device)
+    ones = mask.new_ones(b, length)
+    kwargs = {k: v for k, v in prompts.items() if not k.startswith("pixel_")}
+    kwargs["input_ids"] = torch.cat([prompts["input_ids"], prompts["input_ids"].new_zeros(b, length)], dim=1)
+    kwargs["attention_mask"] = torch.cat([mask, ones], dim=1)
+    kwargs["mm_token_type_ids"] = torch.cat([prompts["mm_token_type_ids"], ones.new_zeros(b, length)
+                                             .to(prompts["mm_token_type_ids"].dtype)], dim=1)
+    get_rope_index = model.base_model.get_rope_index
+    wanted = inspect.signature(get_rope_index).parameters
+    positions, _ = get_rope_index(**{k: v for k, v in kwargs.items() if k in wanted})
+    return positions[..., -length:]
+
+
+def prompt_states(model, prompts: dict, features: ImageFeatures, prompt_ids: list[int],
+                  completion_len: int) -> PromptStates:
+    """Run the prompts `prompt_ids` (indices into `prompts`) once, with gradients if enabled,
+    and keep their per-layer keys and values, the logits after their last token and the
+    positions of the `completion_len` completion tokens that will follow them."""
+    from transformers import DynamicCache
+
+    inputs = row_inputs(prompts, prompt_ids)
+    batch = dict(inputs)
+    if not uses_mrope(model):
+        batch["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
+    out = model(**batch, mm_encoder_outputs=features.for_rows(prompt_ids), past_key_values=DynamicCache(),
+                use_cache=True, logits_to_keep=1)
+    cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return PromptStates(cache, out.logits[:, -1, :], inputs["attention_mask"],
+                        _completion_positions(model, inputs, completion_len))
+
+
+def _continue_rows(model, states: PromptStates, index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                   start: int = 0, cache=None):
+    """Forward completion tokens `ids` [N, t] (completion positions start .. start+t-1) of rows
+    continuing prompts `index` [N], attending to the prompts' shared states (and to `cache`, the
+    rows' own cache so far, when given). `mask` [N, start+t] is the completion's mask so far.
+    Returns (logits [N, t, V], the cache)."""
+    cache = states.for_rows(index) if cache is None else cache
+    t = ids.shape[1]
+    positions = states.positions[..., start:start + t]
+    positions = positions[:, index] if positions.dim() == 3 else positions[index]
+    attention_mask = torch.cat([states.attention_mask[index], mask.to(states.attention_mask.dtype)], dim=1)
+    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                use_cache=True)
+    return out.logits, out.past_key_values
+
+
+def _shared_prompt_logits(model, prompts: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                          features: ImageFeatures, prompt_of_row: list[int]) -> torch.Tensor:
+    """Logits that predict each completion token, [N, T, V], with each distinct prompt of the
+    rows run once (prompt_states): token 0 is predicted by the prompt's last logits, tokens
+    1..T-1 by the rows' own forward over completion tokens 0..T-2."""
+    distinct = sorted(set(prompt_of_row))
+    index = torch.tensor([distinct.index(p) for p in prompt_of_row], device=completion_ids.device)
+    t = completion_ids.shape[1]
+    states = prompt_states(model, prompts, features, distinct, t)
+    first = states.last_logits[index].unsqueeze(1)
+    if t == 1:
+        return first
+    rest, _ = _continue_rows(model, states, index, completion_ids[:, :-1], completion_mask[:, :-1])
+    return torch.cat([first, rest], dim=1)
+
+
 def completion_logprobs(model, prompts: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                         group_size: int = 1, temperature: float = 1.0, micro_batch: int | None = None,
-                        with_entropy: bool = False, features: ImageFeatures | None = None, first_row: int = 0):
+                        with_entropy: bool = False, features: ImageFeatures | None = None, first_row: int = 0,
+                        shared_prompt: bool | None = None):
     """Per-token log pi(o_t | q, o_<t) of given completions, [N, T] (and entropy [N, T]).
 
     Row r continues prompt r // group_size; `first_row` > 0 when the completions are a slice
     (rows first_row..) of a rollout. The prompts' images are encoded once (or pass
-    `features` from encode_images) and shared by all rows, whatever the micro-batch.
+    `features` from encode_images) and shared by all rows, whatever the micro-batch. Each
+    micro-batch runs each of its prompts once and its rows only over their completion tokens
+    (prompt_states), unless `shared_prompt` is False (default: shares_prompt(model)).
     log-probs use softmax(logits / temperature), the distribution the tokens were sampled from.
     log p(token) = logit(token) - logsumexp(logits): this avoids materialising a full
     [N, T, V] log-softmax in the autograd graph. Entropy (a diagnostic) is computed without grad.
@@ -726,13 +885,18 @@ def completion_logprobs(model, prompts: dict, completion_ids: torch.Tensor, comp
     n = completion_ids.shape[0]
     if features is None:
         features = encode_images(model, prompts)
+    if shared_prompt is None:
+        shared_prompt = shares_prompt(model)
     step = micro_batch or n
     logps, entropies = [], []
     for s in range(0, n, step):
         e = min(n, s + step)
         rows = [r // group_size for r in range(first_row + s, first_row + e)]
-        logits = _forward_completion_logits(model, row_inputs(prompts, rows), completion_ids[s:e],
-                                            completion_mask[s:e], features.for_rows(rows))
+        if shared_prompt:
+            logits = _shared_prompt_logits(model, prompts, completion_ids[s:e], completion_mask[s:e], features, rows)
+        else:
+            logits = _forward_completion_logits(model, row_inputs(prompts, rows), completion_ids[s:e],
+                                                completion_mask[s:e], features.for_rows(rows))
         logits = logits.float() / temperature
         ids = completion_ids[s:e].unsqueeze(-1)
         logps.append((logits.gather(-1, ids).squeeze(-1) - torch.logsumexp(logits, dim=-1)))

@@ -145,6 +145,42 @@ def step_setup(model, toy_data, lr, warmup=1, **overrides):
 
 
 
+@pytest.mark.parametrize("micro_batch", [None, 3])
+def test_pi_old_from_the_first_update_equals_a_separate_pass(half_format_model, toy_data, micro_batch):
+    """With mu > 1, pi_old is the first update's own forward (detached), not a no-grad pass of its
+    own: the weights have not moved when it runs. Equal to the separate pass bit for bit, whole or
+    micro-batched alike (the same kernels on the same rows; autograd changes no value)."""
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(half_format_model)
+    model.train()
+    records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-2, mu=2, batch_size=2, beta=0.0,
+                                                               micro_batch=micro_batch,
+                                                               logp_micro_batch=micro_batch)
+    policy = clgrpo.Policy(model, processor, None, optimizer, scheduler)
+    batch = clgrpo.generate_round(policy, records, images, config, clgrpo.Timer(policy.device))
+    batch.advantages, _ = clgrpo.group_advantages(batch.rewards, config.num_generations)
+    r = batch.rollout
+    with torch.no_grad():
+        separate = vlm.completion_logprobs(model, r.prompts, r.completion_ids, r.completion_mask, r.group_size,
+                                           config.temperature, micro_batch)
+    clgrpo.policy_update(policy, batch, config, with_entropy=True)
+    assert batch.old_logp is not None and batch.old_logp.shape == separate.shape
+    assert torch.equal(batch.old_logp * r.completion_mask, separate * r.completion_mask)
+    with torch.no_grad():    # ... and it is the policy before the optimizer step, not after
+        moved = vlm.completion_logprobs(model, r.prompts, r.completion_ids, r.completion_mask, r.group_size)
+    assert not torch.equal(moved * r.completion_mask, separate * r.completion_mask)
+
+
+def test_the_log_says_which_passes_ran(half_format_model, tiny_model_dir, toy_data):
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(half_format_model)
+    ref, _ = vlm.load_model(tiny_model_dir)
+    records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, mu=3, batch_size=2)
+    metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, ref.requires_grad_(False), optimizer,
+                                                      scheduler), records, images, config)
+    assert len(updates) == 3 and metrics["passes"] == "sample*1+reference+update*3"
+
+
 def test_beta_positive_update_without_reward_signal_pulls_policy_towards_reference(half_format_model, tiny_model_dir,
                                                                                    toy_data, monkeypatch):
     """All advantages are 0, so the gradient is -beta * grad KL alone: the step must run, and move

@@ -86,16 +86,17 @@ def layer_calls(model, fn) -> tuple[int, int]:
     return tuple(counts)
 
 
-def shared_feature_gradients(model, processor, images, completion, mask, group_size) -> dict:
+def shared_feature_gradients(model, processor, images, completion, mask, group_size, shared_prompt=None) -> dict:
     """Parameter gradients of a log-prob loss the way the GRPO update computes them: the B images
     encoded once, completions in micro-batches of 2 rows each with its own backward, and the
-    features' summed gradient sent through the vision tower once at the end."""
+    features' summed gradient sent through the vision tower once at the end. `shared_prompt` as
+    in vlm.completion_logprobs (None: the model's default path)."""
     model.zero_grad(set_to_none=True)
     prompts = vlm.encode_prompts(processor, images)
     features = vlm.encode_images(model, prompts, chunked_backward=True)
     for s in range(0, completion.shape[0], 2):
         logp = vlm.completion_logprobs(model, prompts, completion[s:s + 2], mask[s:s + 2], group_size,
-                                       features=features, first_row=s)
+                                       features=features, first_row=s, shared_prompt=shared_prompt)
         (logp * mask[s:s + 2]).sum().backward()
     features.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -114,8 +115,12 @@ def test_gradient_checkpointing_gives_the_same_gradients_through_shared_features
     for checkpointed in (False, True):
         if checkpointed:
             vlm.enable_activation_checkpointing(model)
+        # both arms on the per-row path (the one a checkpointed model in training takes), so that the
+        # layer runs compare like for like: the shared-prompt path runs each text layer twice per
+        # micro-batch in the forward (the prompts, then the completions), as many runs as a recompute
         calls[checkpointed] = layer_calls(model, lambda: grads.__setitem__(
-            checkpointed, shared_feature_gradients(model, processor, images, completion, mask, g)))
+            checkpointed, shared_feature_gradients(model, processor, images, completion, mask, g, False)))
+    assert not vlm.shares_prompt(model)
     # checkpointing is really on: every layer runs again in the backward, the vision tower's included
     assert calls[True][0] > calls[False][0] > 0 and calls[True][1] > calls[False][1] > 0, calls
     assert grads[True].keys() == grads[False].keys() and any(".vision" in n or "visual" in n for n in grads[True])
@@ -125,7 +130,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_through_shared_features
 
 def test_frozen_vision_encodes_each_image_once_and_stays_bit_identical(model_dir, toy_data):
     """A GRPO step with the README's flags: the frozen tower sees the B prompts' images once per
-    pass (sampling, pi_old, each update), not once per completion, and does not change."""
+    pass (sampling, each update; pi_old is the first update's forward), not once per completion, and does not change."""
     cfg = clgrpo.stage_config(3, model=str(model_dir), data=str(toy_data), out="", batch_size=2, num_generations=3,
                               max_new_tokens=5, micro_batch=2, logp_micro_batch=4, lr=1e-3, bf16=True,
                               ref_dtype="bfloat16", gradient_checkpointing=True, freeze_vision=True)
@@ -150,7 +155,7 @@ def test_frozen_vision_encodes_each_image_once_and_stays_bit_identical(model_dir
     finally:
         counter.close()
     assert len(updates) == cfg.mu
-    passes = 1 + (cfg.mu > 1) + cfg.mu      # sampling, pi_old's log-probs, each update
+    passes = 1 + cfg.mu      # sampling, each update (pi_old is the first update's forward)
     assert counter.rows == passes * once.rows, (counter.rows, once.rows)
     assert all(math.isfinite(u["loss"].item()) for u in updates)
     assert all(torch.equal(a, b) for a, b in zip(tower, vlm.vision_parameters(model)))

@@ -1,0 +1,167 @@
+"""The prompt once per group (vlm.prompt_states): each prompt's keys and values are computed for
+B rows and shared by its G completion rows, in every log-prob pass and in sampling. Proven equal
+to the per-row path (every row runs its whole prompt) on the toy and on every family of the
+matrix: log-probs to 1e-5, parameter gradients to rtol 1e-4, with left padding (images of two
+sizes), Qwen's 3-D mrope positions and Gemma 3's token types, with LoRA; and the prompt
+positions computed per pass are B rows, not B x G."""
+
+import pytest
+import torch
+from PIL import Image
+
+import lora
+import vlm
+from tiny_families import FAMILY_NAMES
+from vision_checks import random_completions
+
+G = 3
+
+
+def two_images():
+    """Two images of different sizes: prompts of different lengths (left padding) for most families."""
+    return [Image.new("RGB", (64, 64), (200, 40, 40)), Image.new("RGB", (96, 64), (40, 40, 200))]
+
+
+@pytest.fixture(scope="module", params=("toy",) + FAMILY_NAMES)
+def family(request, tiny_family_dir, tiny_model_dir):
+    folder = tiny_model_dir if request.param == "toy" else tiny_family_dir(request.param)
+    model, processor = vlm.load_model(folder)
+    return request.param, model, processor
+
+
+def batch(model, processor, tokens=7, seed=1):
+    torch.manual_seed(seed)
+    images = two_images()
+    completion = random_completions(model, processor, len(images) * G, tokens)
+    completion[0, 3] = vlm.eos_token_ids(model, processor)[0]  # one row ends early: a mask with zeros
+    mask, _ = vlm.completion_mask_from_ids(completion, vlm.eos_token_ids(model, processor))
+    return vlm.encode_prompts(processor, images), completion, mask
+
+
+def grads_of(model, prompts, completion, mask, shared, micro_batch):
+    """Parameter gradients of the summed log-probs, micro-batched with gradient accumulation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    features = vlm.encode_images(model, prompts, chunked_backward=True)
+    n = completion.shape[0]
+    for s in range(0, n, micro_batch):
+        e = min(n, s + micro_batch)
+        lp = vlm.completion_logprobs(model, prompts, completion[s:e], mask[s:e], G, features=features,
+                                     first_row=s, shared_prompt=shared)
+        lp[mask[s:e].bool()].sum().backward()
+    features.backward()
+    got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    model.zero_grad(set_to_none=True)
+    return got
+
+
+def check_equal(model, processor):
+    prompts, completion, mask = batch(model, processor)
+    keep = mask.bool()
+    with torch.no_grad():
+        per_row = vlm.completion_logprobs(model, prompts, completion, mask, G, shared_prompt=False)
+        for micro in (None, 2, 4):
+            shared = vlm.completion_logprobs(model, prompts, completion, mask, G, micro_batch=micro,
+                                             shared_prompt=True)
+            assert (shared - per_row)[keep].abs().max().item() < 1e-5, micro
+    expected = grads_of(model, prompts, completion, mask, False, 6)
+    for micro in (6, 4):
+        got = grads_of(model, prompts, completion, mask, True, micro)
+        assert any(g.abs().sum() > 0 for g in got)
+        for a, b in zip(got, expected):  # atol: float32 sums in another order (G rows summed into one prompt state)
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"gradient differs by {(a - b).abs().max().item()}"
+
+
+def test_shared_prompt_equals_per_row(family):
+    name, model, processor = family
+    if not vlm.shares_prompt(model):
+        pytest.skip(f"{name}: falls back to the per-row path (Family.shared_prompt)")
+    check_equal(model, processor)
+
+
+def test_prompt_positions_computed_once_per_group(family):
+    """A hook on the input embeddings counts the rows that run the prompt: B per pass, not B x G."""
+    name, model, processor = family
+    if not vlm.shares_prompt(model):
+        pytest.skip(f"{name}: falls back to the per-row path")
+    prompts, completion, mask = batch(model, processor)
+    p = prompts["input_ids"].shape[1]
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+    try:
+        with torch.no_grad():
+            vlm.completion_logprobs(model, prompts, completion, mask, G, shared_prompt=True)
+            shared = list(seen)
+            seen.clear()
+            vlm.completion_logprobs(model, prompts, completion, mask, G, shared_prompt=False)
+            per_row = list(seen)
+    finally:
+        hook.remove()
+    b, n, t = 2, 2 * G, completion.shape[1]
+    assert sum(r for r, c in shared if c == p) == b          # the prompt: B rows
+    assert sum(r * c for r, c in shared) == b * p + n * (t - 1)
+    assert sum(r * c for r, c in per_row) == n * (p + t)
+
+
+@pytest.mark.parametrize("name", ["toy", "qwen2_vl", "gemma3"])
+def test_shared_prompt_with_lora(name, tiny_family_dir, tiny_model_dir):
+    folder = tiny_model_dir if name == "toy" else tiny_family_dir(name)
+    model, processor = vlm.load_model(folder)
+    lora.add_lora(model, rank=4, alpha=8.0)
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.02)  # adapters that change the output
+    if not vlm.shares_prompt(model):
+        pytest.skip(f"{name}: falls back to the per-row path")
+    check_equal(model, processor)
+
+
+def test_activation_checkpointing_falls_back_and_still_matches(tiny_model_dir):
+    """transformers' checkpointed layers drop the KV cache, so a checkpointed model in training
+    uses the per-row path; its gradients still equal the plain model's."""
+    model, processor = vlm.load_model(tiny_model_dir)
+    prompts, completion, mask = batch(model, processor)
+    model.train()
+    expected = grads_of(model, prompts, completion, mask, True, 4)
+    vlm.enable_activation_checkpointing(model)
+    model.train()
+    assert not vlm.shares_prompt(model)
+    got = grads_of(model, prompts, completion, mask, None, 4)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_sampling_from_the_shared_prompt_equals_generate(family, monkeypatch):
+    """Greedy decoding from the shared prompt cache gives generate()'s tokens, token for token."""
+    name, model, processor = family
+    if not vlm.shares_prompt(model):
+        pytest.skip(f"{name}: falls back to generate()")
+    images = two_images()
+    shared = vlm.sample_completions(model, processor, images, group_size=1, max_new_tokens=8, do_sample=False)
+    monkeypatch.setattr(vlm, "shares_prompt", lambda m: False)
+    generated = vlm.sample_completions(model, processor, images, group_size=1, max_new_tokens=8, do_sample=False)
+    assert shared.completion_ids.tolist() == generated.completion_ids.tolist()
+    assert shared.texts == generated.texts
+
+
+def test_seeded_group_sampling_from_the_shared_prompt(tiny):
+    """G rows per prompt, a fixed seed repeats the draw, finished rows are padded after their EOS,
+    and with the same seed the draw is generate()'s (same logits up to rounding, same RNG use)."""
+    model, processor = tiny
+    images, eos, pad = two_images(), vlm.eos_token_ids(model, processor), processor.tokenizer.pad_token_id
+    torch.manual_seed(3)
+    a = vlm.sample_completions(model, processor, images, group_size=4, max_new_tokens=12, temperature=1.3, top_p=0.9)
+    torch.manual_seed(3)
+    b = vlm.sample_completions(model, processor, images, group_size=4, max_new_tokens=12, temperature=1.3, top_p=0.9)
+    assert a.completion_ids.shape[0] == 8 and a.completion_ids.shape[1] <= 12
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    ids, mask = a.completion_ids, a.completion_mask
+    assert (ids[mask == 0] == pad).all()                                   # after the first EOS: padding
+    assert torch.equal(a.truncated, ~torch.isin(ids, torch.tensor(eos)).any(1))
+    kept = ids[mask.bool()]
+    assert not torch.isin(kept, torch.tensor(vlm.blocked_token_ids(model, processor))).any()
+    torch.manual_seed(3)
+    import unittest.mock
+    with unittest.mock.patch.object(vlm, "shares_prompt", lambda m: False):
+        c = vlm.sample_completions(model, processor, images, group_size=4, max_new_tokens=12, temperature=1.3,
+                                   top_p=0.9)
+    assert torch.equal(a.completion_ids, c.completion_ids)
