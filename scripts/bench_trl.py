@@ -20,16 +20,16 @@ CUDA build). Only the TRL worker, run by that environment's python, imports trl.
 
 runs, for each mu in --mu (default 1 2), --repeats times (default 2): the project, then TRL, each a
 fresh process with --threads torch threads (default 1), so a change of machine load hits both.
-A quick check on a random tiny model (a few minutes on one core):
+A quick check on a random tiny model (under a minute):
 
     python toy.py model /tmp/m --size tiny && python toy.py data /tmp/d --difficulty stepwise
     python scripts/bench_trl.py --model /tmp/m --data /tmp/d --out /tmp/bench_trl \\
         --steps 3 --warmup 1 --repeats 1 --max-new-tokens 16
 
 One step, on both sides, is one generation batch: B prompts (--batch-size 4) x G completions
-(--num-generations 8) sampled in one batch, scored, their reference (and, with mu > 1, old-policy)
-log-probs computed, then mu optimizer steps, each on all B x G completions at once (no gradient
-accumulation). Settings are the same on both sides: beta 0.04 (k3 KL to the start checkpoint),
+(--num-generations 8) sampled in one batch, scored, their reference log-probs computed (and with
+mu > 1 the old policy's: see below), then mu optimizer steps, each on all B x G completions at
+once (no gradient accumulation). Settings are the same on both sides: beta 0.04 (k3 KL to the start checkpoint),
 eps_low = eps_high = 0.2, sequence-level mean loss (clgrpo `--aggregation sequence`, TRL
 `loss_type="grpo"`), group-std advantages, AdamW at a constant learning rate 1e-4, gradient norm
 clipped at 1, temperature 1, top_p 1, no top-k, the same special tokens suppressed in sampling
@@ -53,11 +53,34 @@ The table, one per mu, one row per side:
   timed steps. Both sides start from the same model but sample different prompts and tokens: step
   times scale with this length, so compare it before the times.
 - the phases, median seconds per step: `sample` (chat template, image preprocessing, generate,
-  decode), `score` (the reward functions), `logprobs` (reference and old-policy log-probs, no
-  grad), `update` (the mu forward + backward + optimizer steps; TRL: the step minus its generation
-  side, i.e. `_prepare_inputs`), `other` (the rest of the step: advantages, batching; TRL: its second
-  processor pass over the images for the training forward, padding, metrics).
-Everything, each step of each process included, is written to OUT/bench_trl.json.
+  decode), `score` (the reward functions), `logprobs` (the no-grad passes: the reference's, and
+  TRL's old-policy pass when mu > 1), `update` (the mu forward + backward + optimizer steps; TRL:
+  the step minus its generation side, i.e. `_prepare_inputs`), `other` (the rest of the step:
+  advantages, batching; TRL: its second processor pass over the images for the training forward,
+  padding, metrics).
+Each phase is its own median, so the phases need not add up to `s/step`. Everything, each step of
+each process included, is written to OUT/bench_trl.json.
+
+The TRL side is set up as README "Outgrowing one GPU" says: the exported train.jsonl loaded with
+`datasets.load_dataset("json", ...)` and its `image` column cast to `datasets.Image()`, the model
+given as its folder (a run folder's checkpoint/), in fp32 (TRL's GRPOConfig defaults to bf16 and
+gradient checkpointing: both are turned off). It gets the project's processor (vlm.load_processor)
+and, through `generation_kwargs`, the project's suppressed tokens (TRL alone suppresses only the
+image token). The TRL worker checks that TRL's prompt tokens equal the project's for the same image
+and that both end completions on the same token ids; a warning says when they do not.
+
+What still differs (the benchmark measures these, it does not remove them):
+- TRL repeats each prompt G times before generating: the chat template, the image processor and the
+  vision tower run once per completion (B x G), in sampling and in every forward; in every pass
+  the project encodes each of the B images once and runs each prompt once for its G completions.
+- With mu > 1, TRL computes the old policy's log-probs in a no-grad pass of its own (in `logprobs`);
+  clgrpo.py keeps those of its first update's forward (the weights have not moved since sampling),
+  so it runs one forward pass fewer per step (its log's `passes` field lists the passes).
+- TRL computes the token entropy in every update, the project in the first of the mu updates only.
+- The prompts drawn differ (TRL's RepeatSampler, clgrpo's EpochSampler, both seeded), and so do the
+  sampled tokens; hence the completion-length column.
+- Outside the step times: model loading and, at the end, the project's checkpoint save (deleted
+  afterwards) and TRL's end-of-training summary; both count in the peak RSS.
 """
 
 from __future__ import annotations
@@ -140,6 +163,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
+def torch_threads() -> int:
+    """torch's intra-op threads at the end of a run: proof that nothing changed --threads."""
+    import torch
+    return torch.get_num_threads()
+
+
 def set_threads(n: int) -> None:
     import torch
     torch.set_num_threads(n)
@@ -187,9 +216,9 @@ def project_worker(spec: dict) -> dict:
         phases["other"] = seconds - sum(phases.values())
         steps.append({"step_s": seconds, **phases, "completion_len_mean": m["completion_len_mean"],
                       "completions": m["generations"], "optimizer_steps": 0 if m["skipped_update"] else spec["mu"],
-                      "reward_mean": m["reward_mean"]})
+                      "reward_mean": m["reward_mean"], "passes": m.get("passes")})
     config = json.loads((Path(spec["run"]) / "run_config.json").read_text())
-    return {"steps": steps, "peak_rss_mib": rss, "rewards": config["rewards"],
+    return {"steps": steps, "peak_rss_mib": rss, "rewards": config["rewards"], "torch_threads": torch_threads(),
             "command": ["python", "clgrpo.py", *project_argv(spec)]}
 
 
@@ -218,10 +247,12 @@ def trl_worker(spec: dict) -> dict:
     # The project's processor (left padding; loads image-only without torchvision, where
     # AutoProcessor would fail for families with a video processor) and the tokens its sampler
     # suppresses: every special token but the end of turn (image placeholders, pad, BOS). TRL
-    # suppresses only the image token by default; a random model then samples <fake_token_around_image>.
-    processor = vlm.load_processor(spec["model"])
+    # suppresses only the image token by default: the random toy model then samples
+    # <fake_token_around_image>, <|im_start|> and <pad> inside its completions.
+    model_dir = str(vlm.resolve_model_path(spec["model"]))   # a run folder's model is in its checkpoint/
+    processor = vlm.load_processor(model_dir)
     try:
-        generation = GenerationConfig.from_pretrained(spec["model"])
+        generation = GenerationConfig.from_pretrained(model_dir)
     except OSError:
         generation = GenerationConfig()
     eos = vlm.eos_token_ids(SimpleNamespace(generation_config=generation), processor)
@@ -274,12 +305,14 @@ def trl_worker(spec: dict) -> dict:
         def on_log(self, args, state, control, logs=None, **kwargs):
             log_lines.append(dict(logs or {}))
 
-    trainer = GRPOTrainer(model=spec["model"], args=args, train_dataset=train, processing_class=processor,
+    trainer = GRPOTrainer(model=model_dir, args=args, train_dataset=train, processing_class=processor,
                           reward_funcs=reward_funcs, callbacks=[StepClock()])
     generate = trainer._generate
+    first = {}   # the first prompt TRL rendered, checked against the project's own after training
 
     def generate_and_measure(prompts):
         out = generate(prompts)
+        first.setdefault("prompt", (prompts[0], out[0][0]))
         completion_ids = out[1]     # (prompt_ids, completion_ids, tool_mask, completions, ...)
         current["completion_len_mean"] = sum(map(len, completion_ids)) / len(completion_ids)
         current["completions"] = len(completion_ids)
@@ -293,8 +326,16 @@ def trl_worker(spec: dict) -> dict:
     trainer.compute_loss = timed(trainer.compute_loss, "loss_forward")        # the training forward + loss
     trainer.train()
     rss = peak_rss_mib()
+    # Same prompt: the tokens TRL generated from (its chat template over the exported row, the image
+    # put before the text) against vlm.encode_prompts, the project's prompt for the same image.
+    messages, trl_ids = first["prompt"]
+    image = next(part["image"] for part in messages[0]["content"] if part.get("type") == "image")
+    ours = vlm.encode_prompts(processor, [image])
+    same_prompt = list(trl_ids) == ours["input_ids"][0][ours["attention_mask"][0].bool()].tolist()
     project_eos = vlm.eos_token_ids(trainer.model, processor)
-    return {"steps": records, "peak_rss_mib": rss, "logs": log_lines,
+    return {"steps": records, "peak_rss_mib": rss, "logs": log_lines, "same_prompt_tokens": same_prompt,
+            "model_dtype": str(trainer.model.dtype), "model_class": type(trainer.model).__name__,
+            "torch_threads": torch_threads(),
             "rewards": dict(zip([f.__name__ for f in reward_funcs], reward_weights)),
             "eos_token_ids": {"trl": list(trainer.eos_token_ids), "project": project_eos},
             "suppress_tokens": blocked, "trl_args": {k: str(v) for k, v in args.to_dict().items()},
@@ -367,6 +408,20 @@ def table(mu: int, summary: dict) -> str:
         "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+def warn_if_not_comparable(result: dict) -> None:
+    """One line for each check of the TRL run that shows the two sides did not do the same work."""
+    eos = result["eos_token_ids"]
+    problems = [
+        (not result["same_prompt_tokens"], "TRL's prompt tokens differ from the project's for the same image"),
+        (set(eos["trl"]) != set(eos["project"]), f"end-of-completion ids differ: TRL {eos['trl']}, "
+                                                 f"project {eos['project']}"),
+        (any(s["optimizer_steps"] != result["mu"] for s in result["steps"]), "a TRL step did not make mu updates"),
+    ]
+    for bad, message in problems:
+        if bad:
+            print(f"warning: {message}", file=sys.stderr)
+
+
 def export_trl_data(data: str, out: Path) -> Path:
     """The TRL dataset of the train split (the prompts clgrpo.py draws from), by the project's exporter."""
     folder = out / "trl_data"
@@ -412,6 +467,8 @@ def bench(args) -> None:
                 print(f"mu={mu} {side:7s} #{repeat}: {len(result['steps'])} steps, "
                       f"median {statistics.median(timed):.3f} s/step after warm-up, "
                       f"peak RSS {result['peak_rss_mib']:.0f} MiB, {result['process_s']:.0f} s in all", flush=True)
+                if side == "trl":
+                    warn_if_not_comparable(result)
                 atomic_write_json(out / "bench_trl.json", report)   # partial results survive an interruption
         report["summary"][f"mu{mu}"] = {side: summarise(r, args.warmup) for side, r in runs.items()}
         tables.append(table(mu, report["summary"][f"mu{mu}"]))
