@@ -26,6 +26,8 @@
 # numbers differ in the last digits, and after RL's sampling by more). One thread each suits two
 # cores: the baseline and stage 1 train side by side, and the RL stages beside the evaluation lane
 # (two threads for the RL stages there made stage 3 1.5 times slower, docs/experiments.md).
+# RL_JOBS (default 2) is how many of the 4th-stage runs (stage 4 and the clip study's runs, all from
+# stage 3) run at a time, each one process on its own core.
 # LORA_RANK=8 runs stages 2-4 with LoRA adapters of rank 8, SFT_LORA_RANK=8 the baseline and stage 1
 #   (docs/lora.md: on the toy's random init LoRA suits stages 2-4, not SFT; RL_LR=1e-3 tracked
 #   full fine-tuning in stage 3), e.g. LORA_RANK=8 RL_LR=1e-3 bash demo.sh --out runs/demo_lora
@@ -187,14 +189,29 @@ baseline_pid=$!
 run stage1  python sft.py --mode cot --cot "$COT" --model "$MODEL" --data "$DATA" --out "$OUT/stage1" "${SFT[@]}" $(resume_flag "$OUT/stage1")
 run stage2  python clgrpo.py --stage 2 --model "$OUT/stage1" --data "$DATA" --out "$OUT/stage2" --steps "$STAGE2_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage2")
 run stage3  python clgrpo.py --stage 3 --model "$OUT/stage2" --data "$DATA" --out "$OUT/stage3" --steps "$STAGE3_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage3")
-run stage4  python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/stage4" --steps "$STAGE4_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage4")
+# The 4th-stage runs (stage 4, and with --clip-ablation the clip study) all start from stage 3 and
+# do not depend on each other: RL_JOBS of them (default 2, one per core) run at a time, the clip
+# study's output going to OUT/NAME.log. Each is one deterministic process, so this changes no number.
+RL_JOBS=${RL_JOBS:-2}; fourth=()
+fourth_stage() {   # fourth_stage NAME ARGS...: `run NAME ARGS...` in the background, RL_JOBS at a time
+  local finished keep=() pid
+  if (( ${#fourth[@]} >= RL_JOBS )); then
+    wait -n -p finished "${fourth[@]}" || { echo "a 4th-stage run failed: see $OUT/*.log" >&2; exit 1; }
+    for pid in "${fourth[@]}"; do [[ $pid == "$finished" ]] || keep+=("$pid"); done
+    fourth=("${keep[@]}")
+  fi
+  run "$@" &
+  fourth+=($!)
+}
+fourth_stage stage4  python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/stage4" --steps "$STAGE4_STEPS" "${RL_COMMON[@]}" $(resume_flag "$OUT/stage4")
 for entry in "${ABLATION[@]}"; do
   name=${entry%%:*}; clip=${entry#*:}; extra=()
   [[ $name == *_mu* ]] && extra=(--mu "${ABL_MU:-2}" --lr "${ABL_LR:-$RL_LR}")   # after RL_COMMON, so they win
-  run "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
+  fourth_stage "$name" python clgrpo.py --stage 4 --model "$OUT/stage3" --data "$DATA" --out "$OUT/$name" \
     --steps "$STAGE4_STEPS" --eps-low "${clip%/*}" --eps-high "${clip#*/}" "${RL_COMMON[@]}" "${extra[@]}" \
-    $(resume_flag "$OUT/$name")
+    $(resume_flag "$OUT/$name") > "$OUT/$name.log" 2>&1
 done
+for pid in "${fourth[@]}"; do wait "$pid" || { echo "a 4th-stage run failed: see $OUT/*.log" >&2; exit 1; }; done
 wait "$baseline_pid" || { echo "the baseline failed: see $OUT/baseline.log" >&2; exit 1; }
 echo "== waiting for the evaluation lane (log: $OUT/eval.log)"
 wait "$lane_pid" || { echo "an evaluation failed: see $OUT/eval.log" >&2; exit 1; }
