@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints
 import eval as evaluation
+import families
 import lora
 import vlm
 from data import (EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args, float_in,
@@ -241,13 +243,13 @@ class GRPOConfig:
     resume: bool = arg(False, "continue from OUT/checkpoint (step, optimizer, RNG, data order)")
     # hardware
     device: str = arg("auto", "auto, cpu or cuda")
-    dtype: str = arg("float32", "weights dtype", choices=list(vlm.DTYPES))
+    dtype: str = arg("float32", "weights dtype", choices=list(families.DTYPES))
     ref_dtype: str | None = arg(None, "reference model dtype (default: --dtype); bfloat16 halves its memory",
-                                choices=list(vlm.DTYPES))
+                                choices=list(families.DTYPES))
     bf16: bool = arg(False, "bf16 autocast for forward/backward (GPU)")
     gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
     freeze_vision: bool = arg(False, "do not train the vision tower")
-    max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
+    max_image_tokens: int | None = arg(None, families.IMAGE_TOKENS_HELP, type=int_at_least(1))
     # LoRA (lora.py): adapters on a frozen base; checkpoints are still saved as plain merged weights
     lora_rank: int | None = arg(None, lora.RANK_HELP, type=int_at_least(1))
     lora_alpha: float | None = arg(None, lora.ALPHA_HELP, type=float_in(0, lo_open=True))
@@ -562,17 +564,17 @@ def parse_args(argv=None) -> GRPOConfig:
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
-    resume = vlm.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses a --resume with no state
-    vlm.seed_everything(cfg.seed)
+    resume = checkpoints.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses an empty --resume
+    checkpoints.seed_everything(cfg.seed)
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
     # --model, frozen: KL is measured against where this stage started. With LoRA that is the
     # policy with its adapters switched off (reference_logprobs), so no second model is loaded.
-    model, processor = vlm.load_for_training(cfg, ckpt if resume else None)
+    model, processor = families.load_for_training(cfg, ckpt if resume else None)
     device = next(model.parameters()).device
     ref_model = None
     if cfg.beta != 0 and not cfg.lora_rank:
-        ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype or cfg.dtype, cfg.device)
+        ref_model, _ = families.load_model(cfg.model, cfg.ref_dtype or cfg.dtype, cfg.device)
         ref_model.eval().requires_grad_(False)
 
     train, report = read_emoset_split(cfg.data, "train", skip_missing=True)
@@ -589,7 +591,7 @@ def main(argv=None) -> dict:
     sampler = EpochSampler(len(train), cfg.seed)
     step, skipped = 0, 0
     if resume:
-        state = vlm.restore_training_state(ckpt, optimizer, scheduler, sampler)
+        state = checkpoints.restore_training_state(ckpt, optimizer, scheduler, sampler)
         step, skipped = state["step"], state["skipped_updates"]
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
@@ -600,8 +602,9 @@ def main(argv=None) -> dict:
     print("resolved configuration:", json.dumps(run_config))
 
     def save():
-        state = vlm.training_state(step, optimizer, scheduler, sampler, skipped_updates=skipped)
-        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": run_config})
+        state = checkpoints.training_state(step, optimizer, scheduler, sampler, skipped_updates=skipped)
+        checkpoints.save_checkpoint(model, processor, ckpt, trainer_state=state,
+                                    extra_json={"run_config.json": run_config})
 
     def draw_prompts():
         """The next B training prompts with readable images; dynamic sampling draws more from the same
@@ -618,7 +621,7 @@ def main(argv=None) -> dict:
     while step < last:
         try:
             metrics, _ = grpo_step(policy, *draw_prompts(), cfg, draw_prompts=draw_prompts)
-            vlm.require_finite_weights(model)   # the loss and gradient guards cannot see an update that overflows
+            checkpoints.require_finite_weights(model)   # the loss and gradient guards miss an update that overflows
         except FloatingPointError as e:
             raise SystemExit(f"stopped at step {step + 1}: {e}. The last good checkpoint is {ckpt}") from e
         step += 1

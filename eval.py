@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import families
 import vlm
 from data import (EMOTIONS, add_config_flags, arg, float_in, atomic_write_bytes, atomic_write_json, atomic_write_text,
                   config_from_args, int_at_least, load_images,
@@ -383,8 +384,8 @@ class EvalConfig:
     max_new_tokens: int = arg(96, "completion length limit", type=int_at_least(1))
     out: str = arg("runs/eval", "output folder for tables, predictions and pictures")
     device: str = arg("auto", "auto, cpu or cuda")
-    dtype: str = arg("float32", "weights dtype", choices=list(vlm.DTYPES))
-    max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
+    dtype: str = arg("float32", "weights dtype", choices=list(families.DTYPES))
+    max_image_tokens: int | None = arg(None, families.IMAGE_TOKENS_HELP, type=int_at_least(1))
     temperature: float = arg(0.0, "0: greedy (the standard metric); > 0: sample at this temperature, e.g. 1 for "
                              "the accuracy GRPO's samples have", type=float_in(0))
     samples: int = arg(1, "completions per image when sampling (metrics over all of them)", type=int_at_least(1))
@@ -436,7 +437,7 @@ def main(argv=None) -> None:
     results, skipped_before = previous_rows(out / "results.json", args.split, len(records)) if args.append else ({}, [])
     unreadable = {}   # id -> reason, shared so each image is warned about once
     for name, path in zip(names, args.model):
-        model, processor = vlm.load_model(path, args.dtype, args.device, max_image_tokens=args.max_image_tokens)
+        model, processor = families.load_model(path, args.dtype, args.device, max_image_tokens=args.max_image_tokens)
         start = time.perf_counter()
         torch.manual_seed(args.seed)   # each row samples from the same seed
         metrics, predictions = evaluate(model, processor, args.data, records, args.batch_size, args.max_new_tokens,

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import eval as evaluation
+import families
 import sft
 import toy
 import vlm
@@ -88,11 +89,11 @@ def test_label_sft_learns_the_easy_toy(tmp_path, tiny_model_dir):
     data = tmp_path / "easy"
     toy.write_toy_dataset(data, "easy", seed=1, sizes={"train": 256, "val": 16, "test": 48})
     test, _ = read_emoset_split(data, "test")
-    model, processor = vlm.load_model(tiny_model_dir)
+    model, processor = families.load_model(tiny_model_dir)
     before, _ = evaluation.evaluate(model, processor, data, test, progress=False)
     sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
               "--steps", "60", "--eval-every", "0", "--save-every", "60"])
-    model, processor = vlm.load_model(tmp_path / "run")
+    model, processor = families.load_model(tmp_path / "run")
     after, _ = evaluation.evaluate(model, processor, data, test, progress=False)
     assert before["accuracy"] < 0.3          # chance is 1/8; the random model rarely even answers
     assert after["accuracy"] >= 0.9
@@ -114,8 +115,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, toy_data,
     state = torch.load(tmp_path / "split" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 3
     sft.main(common + ["--out", str(tmp_path / "split"), "--resume"])
-    full, _ = vlm.load_model(tmp_path / "full")
-    split, _ = vlm.load_model(tmp_path / "split")
+    full, _ = families.load_model(tmp_path / "full")
+    split, _ = families.load_model(tmp_path / "split")
     for (name, a), b in zip(full.state_dict().items(), split.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
