@@ -34,9 +34,9 @@ import eval as evaluation
 import families
 import lora
 import vlm
-from data import (EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args, float_in,
-                  int_at_least, load_images, output_path_problem, read_emoset_split, read_val_for_training,
-                  run_cli, truncate_jsonl_after_step)
+from config import add_config_flags, arg, config_from_args, float_in, int_at_least, output_path_problem, run_cli
+from data import (EpochSampler, append_jsonl, atomic_write_json, load_images, read_emoset_split, read_val_for_training,
+                  truncate_jsonl_after_step)
 from rewards import combined_reward
 
 # =============================================================================================

@@ -50,9 +50,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import (EMOTIONS, INSTRUCTION, DataError, add_config_flags, append_jsonl, arg, atomic_write_json,
-                  atomic_write_text, config_from_args, float_in, int_at_least, load_images, output_path_problem,
-                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail, run_cli)
+from config import add_config_flags, arg, config_from_args, float_in, int_at_least, output_path_problem, run_cli
+from data import (EMOTIONS, INSTRUCTION, DataError, append_jsonl, atomic_write_json, atomic_write_text, load_images,
+                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail)
 from rewards import THINK_CLOSE, THINK_OPEN, format_reward, normalize_emotion, parse_answer
 
 BLIND_PROMPT = INSTRUCTION

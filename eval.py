@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 import families
 import vlm
-from data import (EMOTIONS, add_config_flags, arg, float_in, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                  config_from_args, int_at_least, load_images,
-                  output_path_problem, read_emoset_split, read_jsonl, run_cli, valence)
+from config import add_config_flags, arg, config_from_args, float_in, int_at_least, output_path_problem, run_cli
+from data import (EMOTIONS, atomic_write_bytes, atomic_write_json, atomic_write_text, load_images, read_emoset_split,
+                  read_jsonl, valence)
 from rewards import format_reward, normalize_emotion, parse_answer
 
 INVALID = "invalid"

@@ -28,10 +28,9 @@ import eval as evaluation
 import families
 import lora
 import vlm
-from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json,
-                  config_from_args, cot_target, float_in, int_at_least, label_target, load_images,
-                  output_path_problem, read_cot_records, read_emoset_split, read_val_for_training,
-                  run_cli, truncate_jsonl_after_step)
+from config import add_config_flags, arg, config_from_args, float_in, int_at_least, output_path_problem, run_cli
+from data import (MAX_THINK_CHARS, EpochSampler, append_jsonl, atomic_write_json, cot_target, label_target,
+                  load_images, read_cot_records, read_emoset_split, read_val_for_training, truncate_jsonl_after_step)
 
 IGNORE = -100
 TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template is rendered once

@@ -192,7 +192,7 @@ def project_worker(spec: dict) -> dict:
     set_threads(spec["threads"])
     sys.path.insert(0, str(ROOT))
     import clgrpo
-    from data import run_cli
+    from config import run_cli
 
     step_seconds = []
     grpo_step = clgrpo.grpo_step
