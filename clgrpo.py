@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import charts
 import checkpoints
 import eval as evaluation
 import families
@@ -642,7 +643,7 @@ def main(argv=None) -> dict:
         if step % cfg.save_every == 0 or step == last:
             save()
     bar.close()
-    evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
+    charts.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if unreadable:
         print(f"skipped {len(unreadable)} unreadable images (named in the warnings above)")
     return {"out": str(out), "step": step, "unreadable_images": len(unreadable)}

@@ -23,6 +23,7 @@ from PIL import Image
 # EmoSet's info.json order. Code maps labels by *name*; this order is only for display and for
 # the rows/columns of the confusion matrix.
 EMOTIONS = ("amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness")
+INVALID = "invalid"   # eval's prediction for an answer that names no label: the confusion matrix's 9th column
 POSITIVE = frozenset(EMOTIONS[:4])
 NEGATIVE = frozenset(EMOTIONS[4:])
 SPLITS = ("train", "val", "test")

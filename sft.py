@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import charts
 import checkpoints
 import eval as evaluation
 import families
@@ -262,7 +263,7 @@ def main(argv=None) -> dict:
         if step % cfg.save_every == 0 or step == last:
             save()
     bar.close()
-    evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
+    charts.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if not (ckpt / "config.json").is_file():
         save()
     if unreadable:

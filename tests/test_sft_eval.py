@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import charts
 import eval as evaluation
 import families
 import sft
@@ -195,9 +196,9 @@ def test_confusion_png_has_one_cell_per_class_pair(tmp_path):
         matrix[i][i] = 10
         matrix[i][8] = 0
     matrix[0][8] = 10  # half of row 0 is invalid
-    evaluation.confusion_png(matrix, tmp_path / "cm.png", "t")
+    charts.confusion_png(matrix, tmp_path / "cm.png", "t")
     img = Image.open(tmp_path / "cm.png").convert("RGB")
-    c, m = evaluation.CELL, evaluation.MARGIN
+    c, m = charts.CELL, charts.MARGIN
     assert img.size == (m + 9 * c + 10, m + 8 * c + 10)
     corner = lambda i, j: img.getpixel((m + j * c + 2, m + i * c + 2))  # noqa: E731 (a cell's shade, away from its text)
     assert corner(1, 1)[0] == 0                # full row on the diagonal: darkest
@@ -209,7 +210,7 @@ def test_plot_curves_draws_only_logged_numeric_keys(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "kl_mean": 0.01 * s, "note": "x"}) + "\n"
                             for s in range(1, 31)))
-    keys = evaluation.plot_curves(path, tmp_path / "curves.png")
+    keys = charts.plot_curves(path, tmp_path / "curves.png")
     assert keys == ["loss", "kl_mean"]
     assert Image.open(tmp_path / "curves.png").size == (900, 160)
 
@@ -247,7 +248,7 @@ def test_sft_nonfinite_loss_stops_before_the_step(tmp_path, tiny_model_dir, toy_
 
 def test_bar_chart_bars_error_bars_and_reference_line(tmp_path):
     rows = {"baseline": [40.0, 50.0, 60.0], "stage4": [80.0, 80.0, 80.0]}
-    img = evaluation.bar_chart_png(rows, tmp_path / "bars.png", "t", reference=("ceiling", 95.0))
+    img = charts.bar_chart_png(rows, tmp_path / "bars.png", "t", reference=("ceiling", 95.0))
     assert Image.open(tmp_path / "bars.png").size == img.size
     px = img.convert("RGB")
     # geometry of bar_chart_png: y = top + plot_h - v / y_max * plot_h, y_max = 1.08 * max drawn value
@@ -255,16 +256,16 @@ def test_bar_chart_bars_error_bars_and_reference_line(tmp_path):
     y_max = 95.0 * 1.08
     y_of = lambda v: round(top + plot_h - v / y_max * plot_h)  # noqa: E731
     x_bar = lambda i: left + gap + i * (bar_w + gap)  # noqa: E731
-    assert px.getpixel((x_bar(0) + 3, y_of(49))) == evaluation.BAR_COLORS[0]     # bar up to the mean 50
+    assert px.getpixel((x_bar(0) + 3, y_of(49))) == charts.BAR_COLORS[0]     # bar up to the mean 50
     assert px.getpixel((x_bar(0) + 3, y_of(52))) == (255, 255, 255)              # and not beyond it
-    assert px.getpixel((x_bar(1) + 3, y_of(79))) == evaluation.BAR_COLORS[1]
+    assert px.getpixel((x_bar(1) + 3, y_of(79))) == charts.BAR_COLORS[1]
     xc = x_bar(0) + bar_w // 2
     assert px.getpixel((xc, y_of(58))) == (0, 0, 0)                               # error bar reaches 50 + std 10
     assert px.getpixel((xc, y_of(62))) != (0, 0, 0)
     assert px.getpixel((x_bar(1) + bar_w // 2, y_of(85))) != (0, 0, 0)            # std 0: no error bar
     assert (200, 0, 0) in {px.getpixel((x, y_of(95.0))) for x in range(left, left + 10)}  # dashed ceiling
     with pytest.raises(ValueError, match="at least one value"):
-        evaluation.bar_chart_png({"empty": []}, tmp_path / "x.png")
+        charts.bar_chart_png({"empty": []}, tmp_path / "x.png")
 
 
 def test_curves_side_by_side_one_column_per_run_shared_rows(tmp_path):
@@ -278,7 +279,7 @@ def test_curves_side_by_side_one_column_per_run_shared_rows(tmp_path):
                                  for s in range(1, 11)))
             files.append(f)
         runs[name] = files
-    keys = evaluation.curves_side_by_side_png(runs, tmp_path / "side.png")
+    keys = charts.curves_side_by_side_png(runs, tmp_path / "side.png")
     assert keys == ["reward_accuracy", "kl_mean", "frac_zero_std"]  # unlogged keys are left out
     assert Image.open(tmp_path / "side.png").size == (95 + 2 * 260 + 10, 20 + 3 * 120 + 10)
 
