@@ -1,5 +1,4 @@
-"""Data I/O shared by every stage: the 8 emotion labels, the one instruction, the EmoSet-layout
-reader, COT records, and crash-safe JSONL / JSON writing.
+"""Data I/O shared by every stage: the 8 labels, the one instruction, the EmoSet reader, COT records, crash-safe files.
 
 A *record* is a plain dict ``{"id", "image", "label"}`` (plus ``think``/``answer``/provenance for
 COT records). ``image`` is stored relative to the data root, so a record file stays valid when

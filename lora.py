@@ -78,7 +78,7 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def _in_vision_tower(name: str) -> bool:
-    import families   # the vision towers' names, by family, live with the rest of the model I/O
+    import families   # the vision towers' names, by family, live with the family table (families imports lora)
 
     return any(f".{tower}." in f".{name}." for tower in families.VISION_TOWERS)
 
