@@ -26,15 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import charts
+import checkpoints
+import dynamic_sampling
 import eval as evaluation
+import families
 import lora
 import vlm
-from data import (EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json, config_from_args, float_in,
-                  int_at_least, load_images, output_path_problem, read_emoset_split, read_val_for_training,
-                  run_cli, truncate_jsonl_after_step)
+from config import add_config_flags, arg, config_from_args, float_in, int_at_least, output_path_problem, run_cli
+from data import (EpochSampler, append_jsonl, atomic_write_json, load_images, read_emoset_split, read_val_for_training,
+                  truncate_jsonl_after_step)
 from rewards import combined_reward
 
 # =============================================================================================
@@ -241,13 +244,13 @@ class GRPOConfig:
     resume: bool = arg(False, "continue from OUT/checkpoint (step, optimizer, RNG, data order)")
     # hardware
     device: str = arg("auto", "auto, cpu or cuda")
-    dtype: str = arg("float32", "weights dtype", choices=list(vlm.DTYPES))
+    dtype: str = arg("float32", "weights dtype", choices=list(families.DTYPES))
     ref_dtype: str | None = arg(None, "reference model dtype (default: --dtype); bfloat16 halves its memory",
-                                choices=list(vlm.DTYPES))
+                                choices=list(families.DTYPES))
     bf16: bool = arg(False, "bf16 autocast for forward/backward (GPU)")
     gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
     freeze_vision: bool = arg(False, "do not train the vision tower")
-    max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
+    max_image_tokens: int | None = arg(None, families.IMAGE_TOKENS_HELP, type=int_at_least(1))
     # LoRA (lora.py): adapters on a frozen base; checkpoints are still saved as plain merged weights
     lora_rank: int | None = arg(None, lora.RANK_HELP, type=int_at_least(1))
     lora_alpha: float | None = arg(None, lora.ALPHA_HELP, type=float_in(0, lo_open=True))
@@ -289,96 +292,54 @@ class Policy:
 
 @dataclass
 class GroupBatch:
-    """One step's data from sampling to the update: B prompts x G completions, rows i*G .. i*G+G-1
-    continue prompt i. Sampling fills the first block, the step the rest."""
-    records: list[dict]                          # the B prompts' records (their labels are the answers)
-    images: list                                 # their images
-    rollout: vlm.Rollout                         # prompt tensors, completion ids [N, T], mask, texts
-    rewards: torch.Tensor                        # [N] weighted sum of the components
-    components: dict[str, list[float]]           # reward component -> [N] values
-    zero_std: torch.Tensor                       # [B] the group's G rewards are all equal
-    advantages: torch.Tensor | None = None       # [N] group-relative, on the model's device
-    old_logp: torch.Tensor | None = None         # [N, T] pi_old: the first update's own log-probs, detached
-    ref_logp: torch.Tensor | None = None         # [N, T] pi_ref, when beta != 0
-
-    @property
-    def labels(self) -> list[str]:
-        return [r["label"] for r in self.records]
-
-
-class Timer:
-    """Wall-clock seconds per phase (sampling / scoring / log-probs / update) and, on a GPU, the
-    peak memory allocated during each phase (GiB): where a run comes close to the card's limit."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds, self.peak_gib = device, {}, {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        t0 = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize()  # GPU work is asynchronous: wait, or its time lands in a later phase
-            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-            self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
-def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> torch.Tensor | float:
-    """Factor that makes the sum of per-micro-batch losses equal the full-batch loss.
-
-    sequence / constant average over completions: weight rows/N. token averages over all
-    tokens of the batch: weight (tokens in chunk)/(tokens in batch)."""
-    if aggregation == "token":
-        return mask[start:end].sum() / mask.sum().clamp(min=1)
-    return (end - start) / mask.shape[0]
+    """B prompts x G completions sampled by pi_old, scored, with their advantages: what the
+    reference pass and the updates read. Rows i*G .. i*G+G-1 continue prompt i."""
+    records: list[dict]                    # the B prompts' records (their labels are the answers)
+    images: list                           # their images
+    rollout: vlm.Rollout                   # prompt tensors, completion ids [N, T], mask, texts
+    rewards: torch.Tensor                  # [N] weighted sum of the components
+    components: dict[str, list[float]]     # reward component -> [N] values
+    advantages: torch.Tensor               # [N] group-relative, on the model's device
+    zero_std: torch.Tensor                 # [B] the group's G rewards are all equal (its advantages are 0)
+    old_logp: torch.Tensor | None = None   # [N, T] pi_old: kept by the first update (policy_update) for the others
 
 
 # ---------------------------------------------------------------------------------------------
-# One GRPO step: sample -> score -> advantages -> update
+# One GRPO step: sample -> score -> advantages -> reference -> update
 # ---------------------------------------------------------------------------------------------
 def grpo_step(policy: Policy, records: list[dict], images: list, cfg: GRPOConfig,
               draw_prompts=None) -> tuple[dict, list[dict]]:
     """One GRPO step on B prompts. Returns (metrics for the log, the stats of each update).
 
-    The update runs unless it is provably a no-op (beta == 0 and every group has zero std): with
-    beta > 0 a batch without reward signal still pulls the policy towards the reference, which is
-    part of the objective. The LR schedule steps once per GRPO step either way. With
-    cfg.dynamic_sampling, `draw_prompts()` supplies (records, images) of further prompts."""
+    Each phase returns what the next one reads: the groups sampled, scored and given their
+    advantages (a GroupBatch), then pi_ref's log-probs, then each update's stats. The update runs
+    unless it is provably a no-op (beta == 0 and every group has zero std): with beta > 0 a batch
+    without reward signal still pulls the policy towards the reference, which is part of the
+    objective. The LR schedule steps once per GRPO step either way. cfg.dynamic_sampling (off by
+    default; dynamic_sampling.py) adds rounds of prompts from `draw_prompts()`, which returns
+    (records, images), and trains on the groups with signal."""
     timer = Timer(policy.device)
-    rounds = sample_and_score(policy, records, images, cfg, timer, draw_prompts)   # 1-2. pi_old's groups, rewards
-    batch = assemble_batch(policy.processor, rounds, cfg, policy.device)           #      the B groups to learn from
-    advantages, batch.zero_std = group_advantages(batch.rewards, cfg.num_generations, cfg.scale_rewards)  # 3.
-    batch.advantages = advantages.to(policy.device)
+    batch = generate_round(policy, records, images, cfg, timer)          # 1-3. pi_old's groups, rewards, advantages
+    rounds = [batch]
+    if cfg.dynamic_sampling:                                             #      DAPO: B groups with signal
+        rounds = dynamic_sampling.more_rounds(batch, lambda *prompts: generate_round(policy, *prompts, cfg, timer),
+                                              draw_prompts, cfg.max_extra_rounds)
+        batch = dynamic_sampling.assemble_batch(policy.processor, rounds, policy.device)
     lr, updates = policy.scheduler.get_last_lr()[0], []
     if cfg.beta != 0 or not bool(batch.zero_std.all()):
         with timer.phase("logprobs"):
-            add_reference_logprobs(policy, batch, cfg)                             # 4. pi_ref, no grad
-        with timer.phase("update"):                                                # 5. (update 1 also gives pi_old)
-            updates = [policy_update(policy, batch, cfg, with_entropy=(k == 0)) for k in range(cfg.mu)]  # 5.
+            ref_logp = reference_pass(policy, batch, cfg)                # 4. pi_ref, no grad (None when beta = 0)
+        with timer.phase("update"):                                      # 5. (update 1 also gives pi_old)
+            updates = [policy_update(policy, batch, cfg, with_entropy=(k == 0), ref_logp=ref_logp)
+                       for k in range(cfg.mu)]
     step_scheduler(policy.scheduler)
     return step_metrics(rounds, batch, updates, timer, lr, cfg), updates
 
 
-def sample_and_score(policy: Policy, records, images, cfg: GRPOConfig, timer: Timer, draw_prompts) -> list[GroupBatch]:
-    """The step's generation rounds: the given prompts, then, with dynamic sampling (DAPO), rounds
-    of fresh prompts from `draw_prompts()` until B groups have signal or `max_extra_rounds`
-    extra rounds have run, whichever comes first."""
-    rounds = [generate_round(policy, records, images, cfg, timer)]
-    if cfg.dynamic_sampling:
-        if draw_prompts is None:
-            raise ValueError("dynamic sampling needs draw_prompts, a function that returns (records, images) "
-                             "of new prompts")
-        while sum(int((~r.zero_std).sum()) for r in rounds) < len(records) and len(rounds) <= cfg.max_extra_rounds:
-            rounds.append(generate_round(policy, *draw_prompts(), cfg, timer))
-    return rounds
-
-
 def generate_round(policy: Policy, records, images, cfg: GRPOConfig, timer: Timer) -> GroupBatch:
-    """Sample G completions per prompt in ONE batched generate call (this is pi_old), then score them."""
+    """Sample G completions per prompt in ONE batched generate call (this is pi_old), score them,
+    and compute their group-relative advantages (here only: a group's advantages depend on its
+    own rewards alone, so dynamic sampling's batch keeps them as they are)."""
     with timer.phase("sample"):
         rollout = vlm.sample_completions(policy.model, policy.processor, images, group_size=cfg.num_generations,
                                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -387,62 +348,23 @@ def generate_round(policy: Policy, records, images, cfg: GRPOConfig, timer: Time
         labels = [r["label"] for r in records for _ in range(cfg.num_generations)]
         totals, components = combined_reward(rollout.texts, labels, cfg.rewards)
         rewards = torch.tensor(totals)
-    _, zero_std = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
-    return GroupBatch(records, images, rollout, rewards, components, zero_std)
-
-
-def pick_groups(zero_std_per_round: list[torch.Tensor], batch_size: int) -> list[tuple[int, int]]:
-    """(round, group) pairs that make up the training batch: every group with signal, in order, up
-    to `batch_size`; if there are too few, the batch is topped up with zero-std groups (in order).
-
-    Topping up keeps the batch at B groups, so a step that ran out of rounds is exactly the plain
-    GRPO step (the same batch size, memory, loss scale and KL term) rather than a smaller batch in
-    which a single group weighs B times more."""
-    signal = [(k, j) for k, z in enumerate(zero_std_per_round) for j, flat in enumerate(z.tolist()) if not flat]
-    flat = [(k, j) for k, z in enumerate(zero_std_per_round) for j, is_flat in enumerate(z.tolist()) if is_flat]
-    return sorted((signal + flat)[:batch_size])   # generation order: one full round is the round as is
-
-
-def assemble_batch(processor, rounds: list[GroupBatch], cfg: GRPOConfig, device) -> GroupBatch:
-    """The picked groups as one batch. Without dynamic sampling it is the first round, unchanged.
-    Otherwise the kept prompts are re-encoded in one processor call (one consistent left padding)
-    rather than spliced from the rounds' tensors, which differ in prompt length and padding and in
-    how each model family lays them out. Completions are right-padded to the longest round with
-    pad tokens under a 0 mask, exactly as generate() pads a finished completion."""
-    picks = pick_groups([r.zero_std for r in rounds], len(rounds[0].records))
-    if picks == [(0, j) for j in range(len(rounds[0].records))]:
-        return rounds[0]
-    g = cfg.num_generations
-    rows = [(rounds[k], slice(j * g, (j + 1) * g)) for k, j in picks]
-    images = [rounds[k].images[j] for k, j in picks]
-    width = max(r.rollout.completion_ids.shape[1] for r, _ in rows)
-
-    def stack(name: str, fill: int) -> torch.Tensor:
-        parts = [getattr(r.rollout, name)[sl] for r, sl in rows]
-        return torch.cat([F.pad(x, (0, width - x.shape[1]), value=fill) for x in parts])
-
-    rollout = vlm.Rollout(prompts=vlm.encode_prompts(processor, images, device=device), group_size=g,
-                          completion_ids=stack("completion_ids", processor.tokenizer.pad_token_id),
-                          completion_mask=stack("completion_mask", 0),
-                          truncated=torch.cat([r.rollout.truncated[sl] for r, sl in rows]),
-                          texts=[t for r, sl in rows for t in r.rollout.texts[sl]])
-    components = {name: [v for r, sl in rows for v in r.components[name][sl]] for name in rounds[0].components}
-    return GroupBatch([rounds[k].records[j] for k, j in picks], images, rollout,
-                      torch.cat([r.rewards[sl] for r, sl in rows]), components,
-                      torch.stack([rounds[k].zero_std[j] for k, j in picks]))
+    advantages, zero_std = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
+    return GroupBatch(records, images, rollout, rewards, components, advantages.to(policy.device), zero_std)
 
 
 @torch.no_grad()
-def add_reference_logprobs(policy: Policy, batch: GroupBatch, cfg: GRPOConfig) -> None:
-    """pi_ref's log-probs (the frozen start of the stage) when beta != 0.
+def reference_pass(policy: Policy, batch: GroupBatch, cfg: GRPOConfig) -> torch.Tensor | None:
+    """pi_ref's log-probs [N, T] (the frozen start of the stage), or None when beta == 0.
 
     pi_old needs no pass of its own: it is the policy that sampled, and the first update's forward
     runs on exactly those weights (no optimizer step comes before all of its chunks have run), so
     policy_update keeps that forward's detached log-probs as pi_old for updates 2..mu."""
+    if cfg.beta == 0:
+        return None
     r = batch.rollout
     args = (r.prompts, r.completion_ids, r.completion_mask, r.group_size, cfg.temperature, cfg.logp_micro_batch)
     with policy.autocast:
-        batch.ref_logp = reference_logprobs(policy, args) if cfg.beta != 0 else None
+        return reference_logprobs(policy, args)
 
 
 def reference_logprobs(policy: Policy, args: tuple) -> torch.Tensor:
@@ -455,9 +377,11 @@ def reference_logprobs(policy: Policy, args: tuple) -> torch.Tensor:
         return vlm.completion_logprobs(policy.model, *args)
 
 
-def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entropy: bool) -> dict:
+def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entropy: bool,
+                  ref_logp: torch.Tensor | None = None) -> dict:
     """One optimizer step on the GRPO loss, micro-batched over completions with gradient
-    accumulation. Returns detached stats (weighted like the loss) and the grad norm."""
+    accumulation. Returns detached stats (weighted like the loss) and the grad norm. The first
+    update of a batch also keeps pi_old's log-probs in batch.old_logp (when mu > 1)."""
     r, model = batch.rollout, policy.model
     n, mask = r.completion_ids.shape[0], r.completion_mask
     step = cfg.micro_batch or n
@@ -476,7 +400,7 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
         # in value, with the policy gradient as its gradient. Updates 2..mu reuse these log-probs.
         old = logp.detach() if first_update else batch.old_logp[s:e]
         old_chunks.append(old)
-        ref = batch.ref_logp[s:e] if batch.ref_logp is not None else None
+        ref = ref_logp[s:e] if ref_logp is not None else None
         loss, stats = grpo_loss(logp, old, ref, batch.advantages[s:e], mask[s:e], cfg.eps_low, cfg.eps_high,
                                 cfg.beta, cfg.aggregation, cfg.max_new_tokens)
         w = chunk_weight(mask, s, e, cfg.aggregation)
@@ -496,6 +420,16 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
     policy.optimizer.step()
     policy.optimizer.zero_grad(set_to_none=True)
     return totals
+
+
+def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> torch.Tensor | float:
+    """Factor that makes the sum of per-micro-batch losses equal the full-batch loss.
+
+    sequence / constant average over completions: weight rows/N. token averages over all
+    tokens of the batch: weight (tokens in chunk)/(tokens in batch)."""
+    if aggregation == "token":
+        return mask[start:end].sum() / mask.sum().clamp(min=1)
+    return (end - start) / mask.shape[0]
 
 
 def step_scheduler(scheduler) -> None:
@@ -540,6 +474,27 @@ def step_metrics(rounds: list[GroupBatch], batch: GroupBatch, updates: list[dict
     return metrics
 
 
+class Timer:
+    """Wall-clock seconds per phase (sampling / scoring / log-probs / update) and, on a GPU, the
+    peak memory allocated during each phase (GiB): where a run comes close to the card's limit."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.peak_gib = device, {}, {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize()  # GPU work is asynchronous: wait, or its time lands in a later phase
+            peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> GRPOConfig:
     """The run's config: GRPOConfig's defaults, then the stage's preset, then the flags given."""
@@ -562,17 +517,17 @@ def parse_args(argv=None) -> GRPOConfig:
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
-    resume = vlm.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses a --resume with no state
-    vlm.seed_everything(cfg.seed)
+    resume = checkpoints.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses an empty --resume
+    checkpoints.seed_everything(cfg.seed)
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
     # --model, frozen: KL is measured against where this stage started. With LoRA that is the
     # policy with its adapters switched off (reference_logprobs), so no second model is loaded.
-    model, processor = vlm.load_for_training(cfg, ckpt if resume else None)
+    model, processor = families.load_for_training(cfg, ckpt if resume else None)
     device = next(model.parameters()).device
     ref_model = None
     if cfg.beta != 0 and not cfg.lora_rank:
-        ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype or cfg.dtype, cfg.device)
+        ref_model, _ = families.load_model(cfg.model, cfg.ref_dtype or cfg.dtype, cfg.device)
         ref_model.eval().requires_grad_(False)
 
     train, report = read_emoset_split(cfg.data, "train", skip_missing=True)
@@ -589,7 +544,7 @@ def main(argv=None) -> dict:
     sampler = EpochSampler(len(train), cfg.seed)
     step, skipped = 0, 0
     if resume:
-        state = vlm.restore_training_state(ckpt, optimizer, scheduler, sampler)
+        state = checkpoints.restore_training_state(ckpt, optimizer, scheduler, sampler)
         step, skipped = state["step"], state["skipped_updates"]
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
@@ -600,8 +555,9 @@ def main(argv=None) -> dict:
     print("resolved configuration:", json.dumps(run_config))
 
     def save():
-        state = vlm.training_state(step, optimizer, scheduler, sampler, skipped_updates=skipped)
-        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": run_config})
+        state = checkpoints.training_state(step, optimizer, scheduler, sampler, skipped_updates=skipped)
+        checkpoints.save_checkpoint(model, processor, ckpt, trainer_state=state,
+                                    extra_json={"run_config.json": run_config})
 
     def draw_prompts():
         """The next B training prompts with readable images; dynamic sampling draws more from the same
@@ -618,7 +574,7 @@ def main(argv=None) -> dict:
     while step < last:
         try:
             metrics, _ = grpo_step(policy, *draw_prompts(), cfg, draw_prompts=draw_prompts)
-            vlm.require_finite_weights(model)   # the loss and gradient guards cannot see an update that overflows
+            checkpoints.require_finite_weights(model)   # the loss and gradient guards miss an update that overflows
         except FloatingPointError as e:
             raise SystemExit(f"stopped at step {step + 1}: {e}. The last good checkpoint is {ckpt}") from e
         step += 1
@@ -639,7 +595,7 @@ def main(argv=None) -> dict:
         if step % cfg.save_every == 0 or step == last:
             save()
     bar.close()
-    evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
+    charts.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if unreadable:
         print(f"skipped {len(unreadable)} unreadable images (named in the warnings above)")
     return {"out": str(out), "step": step, "unreadable_images": len(unreadable)}

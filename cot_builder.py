@@ -50,9 +50,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import (EMOTIONS, INSTRUCTION, DataError, add_config_flags, append_jsonl, arg, atomic_write_json,
-                  atomic_write_text, config_from_args, float_in, int_at_least, load_images, output_path_problem,
-                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail, run_cli)
+from config import add_config_flags, arg, config_from_args, float_in, int_at_least, output_path_problem, run_cli
+from data import (EMOTIONS, INSTRUCTION, DataError, append_jsonl, atomic_write_json, atomic_write_text, load_images,
+                  path_in_root, read_cot_records, read_emoset_split, read_jsonl, repair_jsonl_tail)
 from rewards import THINK_CLOSE, THINK_OPEN, format_reward, normalize_emotion, parse_answer
 
 BLIND_PROMPT = INSTRUCTION
@@ -273,26 +273,27 @@ def is_valid_text(text: str) -> bool:
 
 
 class HFTeacher:
-    """A local transformers VLM (loaded with vlm.py), greedy, batched."""
+    """A local transformers VLM (loaded with families.py), greedy, batched."""
 
     def __init__(self, path: str, device: str = "auto", dtype: str | None = None, batch_size: int = 8,
                  max_new_tokens: int = 384):
-        import vlm
+        import families
 
         self.name = f"hf:{Path(path).name}"
         if dtype is None:  # bf16 halves a 7B teacher's memory on a GPU; on a CPU it is only slower
-            dtype = "bfloat16" if vlm.resolve_device(device).type == "cuda" else "float32"
-        self.model, self.processor = vlm.load_model(path, dtype, device)
+            dtype = "bfloat16" if families.resolve_device(device).type == "cuda" else "float32"
+        self.model, self.processor = families.load_model(path, dtype, device)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
     def _generate(self, images: list, prompts: list[str]) -> list:
+        import families
         import vlm
 
         replies = []
         for s in range(0, len(prompts), self.batch_size):
             chunk_prompts = prompts[s:s + self.batch_size]
             if images:
-                texts = [vlm.chat_prompt(self.processor, p) for p in chunk_prompts]
+                texts = [families.chat_prompt(self.processor, p) for p in chunk_prompts]
                 replies += vlm.sample_completions(self.model, self.processor, images[s:s + self.batch_size], 1,
                                                   self.max_new_tokens, do_sample=False, prompt=texts).texts
             else:  # text only: no image in the chat

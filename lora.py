@@ -78,9 +78,9 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def _in_vision_tower(name: str) -> bool:
-    import vlm   # the vision towers' names, by family, live with the rest of the model I/O
+    import families   # the vision towers' names, by family, live with the family table (families imports lora)
 
-    return any(f".{tower}." in f".{name}." for tower in vlm.VISION_TOWERS)
+    return any(f".{tower}." in f".{name}." for tower in families.VISION_TOWERS)
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,

@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import charts
+import checkpoints
 import eval as evaluation
+import families
 import lora
 import vlm
-from data import (MAX_THINK_CHARS, EpochSampler, add_config_flags, append_jsonl, arg, atomic_write_json,
-                  config_from_args, cot_target, float_in, int_at_least, label_target, load_images,
-                  output_path_problem, read_cot_records, read_emoset_split, read_val_for_training,
-                  run_cli, truncate_jsonl_after_step)
+from config import add_config_flags, arg, config_from_args, float_in, int_at_least, output_path_problem, run_cli
+from data import (MAX_THINK_CHARS, EpochSampler, append_jsonl, atomic_write_json, cot_target, label_target,
+                  load_images, read_cot_records, read_emoset_split, read_val_for_training, truncate_jsonl_after_step)
 
 IGNORE = -100
 TARGET_SLOT = "\x00TARGET\x00"  # stands for the target while the chat template is rendered once
@@ -52,8 +54,8 @@ def build_sft_batch(processor, images: list, targets: list[str], padding_side: s
     the joint rendering. Left padding (default) puts every target at the end of its row, so only
     the last (longest target + 1) positions need logits."""
     tok = processor.tokenizer
-    prompt = vlm.chat_prompt(processor)
-    wrapper = vlm.assistant_reply(processor, TARGET_SLOT)  # the template around a reply is the same for all
+    prompt = families.chat_prompt(processor)
+    wrapper = families.assistant_reply(processor, TARGET_SLOT)  # the template around a reply is the same for all
     replies = [wrapper.replace(TARGET_SLOT, target) for target in targets]
     side, tok.padding_side = tok.padding_side, padding_side
     try:
@@ -61,7 +63,7 @@ def build_sft_batch(processor, images: list, targets: list[str], padding_side: s
         prompts = vlm.tokenize_chat(processor, images, [prompt] * len(images))
     finally:
         tok.padding_side = side
-    eot = tok.convert_tokens_to_ids(vlm.end_of_turn_token(processor))
+    eot = tok.convert_tokens_to_ids(families.end_of_turn_token(processor))
     labels = torch.full_like(batch["input_ids"], IGNORE)
     for i, reply in enumerate(replies):
         columns = batch["attention_mask"][i].nonzero().squeeze(1)   # the row's real tokens, either padding side
@@ -167,11 +169,11 @@ class SFTConfig:
                                  type=int_at_least(1))
     # hardware
     device: str = arg("auto", "auto, cpu or cuda")
-    dtype: str = arg("float32", "weights dtype (keep float32 with --bf16 autocast)", choices=list(vlm.DTYPES))
+    dtype: str = arg("float32", "weights dtype (keep float32 with --bf16 autocast)", choices=list(families.DTYPES))
     bf16: bool = arg(False, "bf16 autocast for forward/backward (GPU)")
     gradient_checkpointing: bool = arg(False, "recompute activations to save memory")
     freeze_vision: bool = arg(False, "do not train the vision tower")
-    max_image_tokens: int | None = arg(None, vlm.IMAGE_TOKENS_HELP, type=int_at_least(1))
+    max_image_tokens: int | None = arg(None, families.IMAGE_TOKENS_HELP, type=int_at_least(1))
     # LoRA (lora.py): adapters on a frozen base; checkpoints are still saved as plain merged weights
     lora_rank: int | None = arg(None, lora.RANK_HELP, type=int_at_least(1))
     lora_alpha: float | None = arg(None, lora.ALPHA_HELP, type=float_in(0, lo_open=True))
@@ -193,9 +195,9 @@ def parse_args(argv=None) -> SFTConfig:
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
-    resume = vlm.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses a --resume with no state
-    vlm.seed_everything(cfg.seed)
-    model, processor = vlm.load_for_training(cfg, ckpt if resume else None)
+    resume = checkpoints.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses an empty --resume
+    checkpoints.seed_everything(cfg.seed)
+    model, processor = families.load_for_training(cfg, ckpt if resume else None)
     device = next(model.parameters()).device
     examples = load_examples(cfg, processor)
     val = read_val_for_training(cfg.data, cfg.eval_every, cfg.eval_limit)
@@ -206,7 +208,7 @@ def main(argv=None) -> dict:
     sampler = EpochSampler(len(examples), cfg.seed)
     step = 0
     if resume:
-        step = vlm.restore_training_state(ckpt, optimizer, scheduler, sampler)["step"]
+        step = checkpoints.restore_training_state(ckpt, optimizer, scheduler, sampler)["step"]
         print(f"resumed from {ckpt} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
     truncate_jsonl_after_step(out / "metrics.jsonl", step)  # drop log lines of steps to be (re)done
@@ -215,8 +217,8 @@ def main(argv=None) -> dict:
     print(json.dumps(config))
 
     def save():
-        state = vlm.training_state(step, optimizer, scheduler, sampler)
-        vlm.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": config})
+        state = checkpoints.training_state(step, optimizer, scheduler, sampler)
+        checkpoints.save_checkpoint(model, processor, ckpt, trainer_state=state, extra_json={"run_config.json": config})
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     model.train()
@@ -242,8 +244,8 @@ def main(argv=None) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         try:
-            vlm.require_finite_weights(model)
-        except vlm.NonFiniteError as e:
+            checkpoints.require_finite_weights(model)
+        except checkpoints.NonFiniteError as e:
             raise SystemExit(f"stopped at step {step + 1}: {e} after the optimizer step; "
                              f"the last good checkpoint is {ckpt}") from e
         step += 1
@@ -261,7 +263,7 @@ def main(argv=None) -> dict:
         if step % cfg.save_every == 0 or step == last:
             save()
     bar.close()
-    evaluation.plot_curves(out / "metrics.jsonl", out / "curves.png")
+    charts.plot_curves(out / "metrics.jsonl", out / "curves.png")
     if not (ckpt / "config.json").is_file():
         save()
     if unreadable:

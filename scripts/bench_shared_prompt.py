@@ -31,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import families  # noqa: E402
 import vlm  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def main() -> None:
         else:
             folder = tiny_families.build_tiny_family(args.family, Path(tmp) / args.family)
         budget = None if args.family == "toy" else args.image_tokens
-        model, processor = vlm.load_model(folder, max_image_tokens=budget)
+        model, processor = families.load_model(folder, max_image_tokens=budget)
     model.train()
     b, g, t = args.batch_size, args.num_generations, args.completion
     images = images_of(args.size, b)

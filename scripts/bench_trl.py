@@ -64,7 +64,7 @@ each process included, is written to OUT/bench_trl.json.
 The TRL side is set up as README "Outgrowing one GPU" says: the exported train.jsonl loaded with
 `datasets.load_dataset("json", ...)` and its `image` column cast to `datasets.Image()`, the model
 given as its folder (a run folder's checkpoint/), in fp32 (TRL's GRPOConfig defaults to bf16 and
-gradient checkpointing: both are turned off). It gets the project's processor (vlm.load_processor)
+gradient checkpointing: both are turned off). It gets the project's processor (families.load_processor)
 and, through `generation_kwargs`, the project's suppressed tokens (TRL alone suppresses only the
 image token). The TRL worker checks that TRL's prompt tokens equal the project's for the same image
 and that both end completions on the same token ids; a warning says when they do not.
@@ -192,7 +192,7 @@ def project_worker(spec: dict) -> dict:
     set_threads(spec["threads"])
     sys.path.insert(0, str(ROOT))
     import clgrpo
-    from data import run_cli
+    from config import run_cli
 
     step_seconds = []
     grpo_step = clgrpo.grpo_step
@@ -236,6 +236,7 @@ def trl_worker(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     import clgrpo
+    import families
     import vlm
     from rewards import trl_accuracy_reward, trl_format_reward
 
@@ -249,8 +250,8 @@ def trl_worker(spec: dict) -> dict:
     # suppresses: every special token but the end of turn (image placeholders, pad, BOS). TRL
     # suppresses only the image token by default: the random toy model then samples
     # <fake_token_around_image>, <|im_start|> and <pad> inside its completions.
-    model_dir = str(vlm.resolve_model_path(spec["model"]))   # a run folder's model is in its checkpoint/
-    processor = vlm.load_processor(model_dir)
+    model_dir = str(families.resolve_model_path(spec["model"]))   # a run folder's model is in its checkpoint/
+    processor = families.load_processor(model_dir)
     try:
         generation = GenerationConfig.from_pretrained(model_dir)
     except OSError:

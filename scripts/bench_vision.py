@@ -75,10 +75,11 @@ def worker(args) -> dict:
     import torch
     from PIL import Image
 
+    import families
     import vlm
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model, processor = vlm.load_model(args.model, device=args.device)
+    model, processor = families.load_model(args.model, device=args.device)
     images = [Image.new("RGB", (args.image_size, args.image_size), (40 * i % 255, 90, 200)) for i in range(args.batch)]
     step = shared_step if args.mode == "shared" else repeated_step
     from vision_checks import vision_rows  # rows (images, tiles or patches) the vision tower is given

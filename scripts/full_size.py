@@ -3,7 +3,7 @@
 Each model is built from its published config (written below: hidden sizes, layers, heads,
 vocabulary, vision tower, image size and patch, tiles), with random weights (nothing is
 downloaded), the real processor settings (tile size, image tokens per tile) and the family's
-real chat template, saved, and loaded back with vlm.load_for_training from the flags of the
+real chat template, saved, and loaded back with families.load_for_training from the flags of the
 README's "Running it for real" commands. Then one SFT step and GRPO steps run through the
 project's own functions (sft.build_sft_batch, sft.accumulate_gradients, clgrpo.grpo_step).
 It reports parameters (vision tower / projector / language), image tokens of an EmoSet-sized
@@ -79,7 +79,7 @@ def internvl3_1b():
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     import tiny_families as tf
-    from vlm import image_only_class
+    from families import image_only_class
     tok = tf.family_tokenizer(tf.INTERNVL_SPECIALS, listed=tf.INTERNVL_LISTED, extra_special_tokens=tf.INTERNVL_EXTRA,
                               **tf.QWEN_ROLES)
     processor = image_only_class(InternVLProcessor)(
@@ -109,7 +109,7 @@ def qwen2_vl_2b():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     import tiny_families as tf
-    from vlm import image_only_class
+    from families import image_only_class
     tok = tf.family_tokenizer(tf.QWEN_SPECIALS, listed=tf.QWEN_LISTED, **tf.QWEN_ROLES)
     processor = image_only_class(Qwen2VLProcessor)(
         image_processor=Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
@@ -155,9 +155,9 @@ MODELS = {
 def parameter_counts(model) -> dict:
     """Parameters of the vision tower, the projector (whatever is neither tower nor language model:
     the connector / multi-modal projector) and the language model, LM head included."""
-    import vlm
+    import families
 
-    tower = {id(p) for p in vlm.vision_parameters(model)}
+    tower = {id(p) for p in families.vision_parameters(model)}
     counts = {"vision": 0, "projector": 0, "language": 0}
     for name, p in model.named_parameters():
         part = "vision" if id(p) in tower else "language" if ("language_model" in name or "lm_head" in name
@@ -171,8 +171,9 @@ def image_and_prompt_tokens(model_type: str, processor, max_image_tokens: int) -
     """Image tokens of one EmoSet-sized image, and the whole prompt's tokens, at the README's budget."""
     from PIL import Image
 
+    import families
     import vlm
-    budget = vlm.set_image_token_budget(processor, model_type, max_image_tokens)
+    budget = families.set_image_token_budget(processor, model_type, max_image_tokens)
     ids = vlm.encode_prompts(processor, [Image.new("RGB", EMOSET_IMAGE, (120, 90, 60))])["input_ids"][0]
     image_id = getattr(processor, "image_token_id", None)
     return {"budget": budget, "image_tokens": int((ids == image_id).sum()), "prompt_tokens": len(ids)}
@@ -352,14 +353,14 @@ def sft_step(name: str, folder: Path, data: Path, s: Settings, memory: Memory) -
     """One SFT step (B examples) with the README's flags: memory part by part, seconds."""
     import torch
 
+    import families
     import sft
-    import vlm
     from data import load_images, read_emoset_split
     cfg = sft.parse_args(["--mode", "label", "--model", str(folder), "--data", str(data), "--out",
                           str(data.parent / "sft"), "--batch-size", str(s.batch_size), "--lr", "1e-5",
                           *readme_flags(name, s)])
     base = memory.now()
-    model, processor = vlm.load_for_training(cfg, None)
+    model, processor = families.load_for_training(cfg, None)
     weights = tensor_gib(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
@@ -393,7 +394,7 @@ def grpo_steps(name: str, folder: Path, data: Path, s: Settings, memory: Memory)
     import torch
 
     import clgrpo
-    import vlm
+    import families
     from data import load_images, read_emoset_split
     ref_dtype = [] if s.lora_rank else ["--ref-dtype", "bfloat16"]   # with LoRA there is no reference model
     cfg = clgrpo.parse_args(["--stage", "3", "--model", str(folder), "--data", str(data), "--out",
@@ -402,11 +403,11 @@ def grpo_steps(name: str, folder: Path, data: Path, s: Settings, memory: Memory)
                              str(s.max_new_tokens), "--micro-batch", str(MODELS[name].micro_batch),
                              "--logp-micro-batch", "16", *readme_flags(name, s)])
     base = memory.now()
-    model, processor = vlm.load_for_training(cfg, None)
+    model, processor = families.load_for_training(cfg, None)
     loaded = memory.now()
     ref_model = None   # with LoRA the reference is the policy with its adapters off (clgrpo.reference_logprobs)
     if not s.lora_rank:
-        ref_model, _ = vlm.load_model(cfg.model, cfg.ref_dtype, cfg.device)
+        ref_model, _ = families.load_model(cfg.model, cfg.ref_dtype, cfg.device)
         ref_model.eval().requires_grad_(False)
     reference = memory.now() - loaded   # resident at once: the bf16 copy is made while loading
     params = [p for p in model.parameters() if p.requires_grad]

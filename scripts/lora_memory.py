@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import families  # noqa: E402
 import lora  # noqa: E402
-import vlm  # noqa: E402
 
 GB = 1e9
 ROWS, MICRO, NEW_TOKENS = 64, 8, 256
@@ -65,7 +65,7 @@ def plan(cls, config, prompt_tokens: int, rank: int) -> dict:
     with torch.device("meta"):
         model = cls(config)
     total = sum(p.numel() for p in model.parameters())
-    vision = sum(p.numel() for p in vlm.vision_parameters(model))
+    vision = sum(p.numel() for p in families.vision_parameters(model))
     adapters = len(lora.add_lora(model, rank))
     trained, _ = lora.count_parameters(model)
     text = config.text_config

@@ -7,6 +7,11 @@ are deleted first), with the environment as it is (set OMP_NUM_THREADS to fix th
 Then it compares the two `metrics.jsonl`, leaving out the wall-clock fields (time_*,
 tokens_per_s, step_s), and the saved weights (checkpoint/model.safetensors, byte for byte).
 Prints the first differing step and key, or that they agree; exit code 0 iff they agree.
+
+    python scripts/same_twice.py --compare RUN_A RUN_B [RUN_A2 RUN_B2 ...]
+
+compares run folders that are already there the same way (e.g. a run of the code before a
+refactor, kept as the reference, against the same command run after it).
 """
 
 import json
@@ -37,7 +42,22 @@ def first_difference(a: Path, b: Path) -> str | None:
     return None
 
 
+def compare(folders: list[str]) -> None:
+    if not folders or len(folders) % 2:
+        raise SystemExit(__doc__)
+    diffs = 0
+    for a, b in zip(folders[::2], folders[1::2]):
+        diff = first_difference(Path(a), Path(b))
+        n = len((Path(a) / "metrics.jsonl").read_text().splitlines())
+        print(f"{a} vs {b}: " + (f"differ: {diff}" if diff else f"identical: {n} log lines (clock fields left out) "
+                                                              "and the weights"))
+        diffs += diff is not None
+    raise SystemExit(1 if diffs else 0)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--compare"]:
+        compare(sys.argv[2:])
     if len(sys.argv) < 5 or sys.argv[3] != "--":
         raise SystemExit(__doc__)
     out_a, out_b, command = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[4:]

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import eval as evaluation  # noqa: E402
+import charts  # noqa: E402
 from data import atomic_write_json, atomic_write_text, read_jsonl  # noqa: E402
 from hard_facts import annotations, fact_row  # noqa: E402
 
@@ -170,22 +170,22 @@ def main(argv=None) -> None:
     atomic_write_text(out / "stage_table.md", table)
     atomic_write_json(out / "stage_table.json", {"runs": args.runs, "ceilings": ceilings, "rows": rows})
     accuracy = {n: [100 * v for v in vals["accuracy"]] for n, vals in rows.items()}
-    evaluation.bar_chart_png(accuracy, out / "stage_bars.png",
+    charts.bar_chart_png(accuracy, out / "stage_bars.png",
                              f"test accuracy, mean +- std over {len(per_seed)} seeds (dots: seeds)",
                              reference=("label-noise ceiling", 100 * statistics.mean(ceilings)))
     facts = [(k, h) for k, h in FACTS[:4] if any(f"fact_{k}" in v for v in rows.values())]
     if facts:  # one bar per (stage, fact), coloured by fact
         bars = {f"{n} {h}": [100 * v for v in vals[f"fact_{k}"]] for n, vals in rows.items()
                 if n != "baseline" for k, h in facts if f"fact_{k}" in vals}
-        evaluation.bar_chart_png(bars, out / "stage_facts.png",
+        charts.bar_chart_png(bars, out / "stage_facts.png",
                                  "facts the reasoning states correctly (%), test split; colour = fact",
                                  colors=[i % len(facts) for i in range(len(bars))])
     curves = {n: [f for f in logs[n] if f.exists()] for n in args.curves if n in logs}
     if curves:
-        evaluation.curves_side_by_side_png(curves, out / "stage_curves.png")
+        charts.curves_side_by_side_png(curves, out / "stage_curves.png")
     sft = {n: [f for f in logs[n] if f.exists()] for n in args.sft_curves if n in logs}
     if sft:  # is the label baseline flat, and where is COT SFT, step by step
-        evaluation.curves_side_by_side_png(sft, out / "sft_curves.png", ["val_accuracy", "val_format_rate", "loss"])
+        charts.curves_side_by_side_png(sft, out / "sft_curves.png", ["val_accuracy", "val_format_rate", "loss"])
     print(table)
 
 

@@ -72,9 +72,9 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
-    import vlm
+    import families
 
-    return vlm.load_model(tiny_model_dir)
+    return families.load_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

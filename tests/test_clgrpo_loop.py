@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import clgrpo
+import families
 import vlm
 from data import load_image, read_emoset_split
 
@@ -24,7 +25,7 @@ def run(tmp_path, model, data, *extra, name="run"):
 
 
 def params_of(path):
-    model, _ = vlm.load_model(path)
+    model, _ = families.load_model(path)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -53,8 +54,8 @@ def test_one_step_changes_parameters_and_logs_every_metric(tmp_path, half_format
 
 def test_beta0_builds_no_reference_model(tmp_path, half_format_model, toy_data, monkeypatch):
     loads = []
-    real = vlm.load_model
-    monkeypatch.setattr(vlm, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    real = families.load_model
+    monkeypatch.setattr(families, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     torch.manual_seed(0)
     _, (m,) = run(tmp_path, half_format_model, toy_data, "--steps", "1", "--beta", "0")
     assert m["skipped_update"] == 0
@@ -104,7 +105,7 @@ def test_flags_help_and_defaults_come_from_the_config(capsys):
 
 def test_mu2_second_update_sees_moved_ratios(half_format_model, toy_data):
     torch.manual_seed(3)
-    model, processor = vlm.load_model(half_format_model)
+    model, processor = families.load_model(half_format_model)
     records, _ = read_emoset_split(toy_data, "train", limit=4)
     config = clgrpo.stage_config(3, mu=2, lr=3e-3, num_generations=8, max_new_tokens=40, beta=0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
@@ -151,7 +152,7 @@ def test_pi_old_from_the_first_update_equals_a_separate_pass(half_format_model, 
     own: the weights have not moved when it runs. Equal to the separate pass bit for bit, whole or
     micro-batched alike (the same kernels on the same rows; autograd changes no value)."""
     torch.manual_seed(0)
-    model, processor = vlm.load_model(half_format_model)
+    model, processor = families.load_model(half_format_model)
     model.train()
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-2, mu=2, batch_size=2, beta=0.0,
                                                                micro_batch=micro_batch,
@@ -173,8 +174,8 @@ def test_pi_old_from_the_first_update_equals_a_separate_pass(half_format_model, 
 
 def test_the_log_says_which_passes_ran(half_format_model, tiny_model_dir, toy_data):
     torch.manual_seed(0)
-    model, processor = vlm.load_model(half_format_model)
-    ref, _ = vlm.load_model(tiny_model_dir)
+    model, processor = families.load_model(half_format_model)
+    ref, _ = families.load_model(tiny_model_dir)
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, mu=3, batch_size=2)
     metrics, updates = clgrpo.grpo_step(clgrpo.Policy(model, processor, ref.requires_grad_(False), optimizer,
                                                       scheduler), records, images, config)
@@ -187,8 +188,8 @@ def test_beta_positive_update_without_reward_signal_pulls_policy_towards_referen
     the policy's log-probs towards the reference's (here a random model, far from the SFT'd one)."""
     constant_rewards(monkeypatch)
     torch.manual_seed(0)
-    model, processor = vlm.load_model(half_format_model)
-    ref, _ = vlm.load_model(tiny_model_dir)
+    model, processor = families.load_model(half_format_model)
+    ref, _ = families.load_model(tiny_model_dir)
     ref.eval().requires_grad_(False)
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, beta=0.04)
     probe = vlm.sample_completions(model, processor, images, group_size=4, max_new_tokens=24)
@@ -214,7 +215,7 @@ def test_beta0_update_without_reward_signal_is_skipped_and_leaves_adam_alone(hal
     schedule still advances one step."""
     constant_rewards(monkeypatch)
     torch.manual_seed(0)
-    model, processor = vlm.load_model(half_format_model)
+    model, processor = families.load_model(half_format_model)
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-2, warmup=4, beta=0.0)
     for prm in model.parameters():       # earlier steps left momentum in AdamW
         prm.grad = torch.randn_like(prm)
@@ -265,7 +266,7 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(half_form
     monkeypatch.setattr(clgrpo, "policy_update", lambda policy, batch, *a, **k: trained.append(
         (batch.rollout, batch.advantages.clone())) or real_update(policy, batch, *a, **k))
     torch.manual_seed(0)
-    model, processor = vlm.load_model(half_format_model)
+    model, processor = families.load_model(half_format_model)
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-4, beta=0.0, mu=1,
                                                                dynamic_sampling=True, max_extra_rounds=5)
     draw, calls = prompt_drawer(toy_data, b)
@@ -294,7 +295,7 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(half_form
 
 def test_dynamic_sampling_respects_the_cap_and_tops_up_with_zero_std_groups(tiny_model_dir, toy_data, monkeypatch):
     g, b = 2, 2
-    model, processor = vlm.load_model(tiny_model_dir)
+    model, processor = families.load_model(tiny_model_dir)
     # Only one group with signal in three rounds: the cap (2 extra rounds) stops the search, and
     # the batch is that group plus the first zero-std group.
     scripted_rewards(monkeypatch, g, [set(), {1}, set(), {0, 1}])
@@ -318,7 +319,7 @@ def test_dynamic_sampling_respects_the_cap_and_tops_up_with_zero_std_groups(tiny
 
 def test_dynamic_sampling_off_is_one_round(half_format_model, toy_data, monkeypatch):
     scripted_rewards(monkeypatch, 4, [set()])
-    model, processor = vlm.load_model(half_format_model)
+    model, processor = families.load_model(half_format_model)
     records, images, config, optimizer, scheduler = step_setup(model, toy_data, lr=1e-3, beta=0.0)
     metrics, _ = clgrpo.grpo_step(clgrpo.Policy(model, processor, None, optimizer, scheduler), records, images, config,
                                   draw_prompts=lambda: pytest.fail("dynamic sampling is off by default"))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data import DEBUG_ENV, DataError, read_emoset_split, run_cli
+from config import DEBUG_ENV, run_cli
+from data import DataError, read_emoset_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -287,7 +287,7 @@ def test_unreadable_images_raise_a_named_error_and_are_skipped_with_one_warning(
 def test_numeric_flag_types_refuse_bad_values():
     import argparse
 
-    from data import float_in, int_at_least, output_path_problem
+    from config import float_in, int_at_least, output_path_problem
 
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int_at_least(1))

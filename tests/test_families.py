@@ -11,9 +11,10 @@ from PIL import Image
 
 import clgrpo
 import eval as evaluation
+import families
 import sft
 import vlm
-from data import read_emoset_split
+from data import INSTRUCTION, read_emoset_split
 from tiny_families import FAMILY_NAMES
 from vision_checks import check_shared_features, random_completions, vision_rows
 
@@ -24,7 +25,7 @@ MODEL_TYPE = {"smolvlm2": "smolvlm"}  # family name -> config.model_type where t
 def family(request, tiny_family_dir):
     name = request.param
     folder = tiny_family_dir(name)
-    model, processor = vlm.load_model(folder)
+    model, processor = families.load_model(folder)
     return name, folder, model, processor
 
 
@@ -35,9 +36,9 @@ def two_images():
 
 def test_family_facts_match_the_checkpoint(family):
     name, _, model, processor = family
-    facts = vlm.FAMILIES[model.config.model_type]
+    facts = families.FAMILIES[model.config.model_type]
     assert model.config.model_type == MODEL_TYPE.get(name, name)
-    assert vlm.end_of_turn_token(processor) == facts.end_of_turn
+    assert families.end_of_turn_token(processor) == facts.end_of_turn
     inputs = vlm.encode_prompts(processor, two_images())
     per_token = {k for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
                  and v.shape[:2] == inputs["input_ids"].shape[:2]}
@@ -89,10 +90,10 @@ def test_sft_batch_meets_the_target_contract(family, padding_side):
     targets = ["<think>The background is dark and two blue circles.</think><answer>sadness</answer>",
                "<answer>awe</answer>"]
     batch = sft.build_sft_batch(processor, images, targets, padding_side)
-    eot = tok.convert_tokens_to_ids(vlm.end_of_turn_token(processor))
+    eot = tok.convert_tokens_to_ids(families.end_of_turn_token(processor))
     for i, (img, target) in enumerate(zip(images, targets)):
         conv = [{"role": "user",
-                 "content": [{"type": "image", "image": img}, {"type": "text", "text": vlm.INSTRUCTION}]},
+                 "content": [{"type": "image", "image": img}, {"type": "text", "text": INSTRUCTION}]},
                 {"role": "assistant", "content": [{"type": "text", "text": target}]}]
         own = processor.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt")
         prompt = processor.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=True,
@@ -119,7 +120,7 @@ def test_image_token_budget_changes_image_tokens(family):
     big = Image.new("RGB", (256, 192), (90, 90, 90))
 
     def tokens(max_image_tokens):
-        model, processor = vlm.load_model(folder, max_image_tokens=max_image_tokens)
+        model, processor = families.load_model(folder, max_image_tokens=max_image_tokens)
         ids = vlm.encode_prompts(processor, [big])["input_ids"]
         return int((ids == model.config.image_token_id).sum())
 
@@ -180,5 +181,5 @@ def test_templates_that_think_for_the_model_are_refused_at_load(tiny_family_dir,
         shutil.copytree(source, folder)
         (folder / "chat_template.jinja").write_text(text)
         with pytest.raises(ValueError, match=reason) as err:
-            vlm.load_model(folder)
+            families.load_model(folder)
         assert str(folder) in str(err.value)

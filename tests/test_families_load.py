@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import vlm
+import families
 from tiny_families import FAMILY_NAMES, HAS_VIDEO_PROCESSOR, IMAGE_TOKEN, QWEN3_VL_TEMPLATE, QWEN3_VL_TEMPLATE_SHA256
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -41,7 +41,7 @@ def loaded(tiny_family_dir):
     def load(name):
         if name not in cache:
             needs_extras(name)
-            cache[name] = vlm.load_model(tiny_family_dir(name))
+            cache[name] = families.load_model(tiny_family_dir(name))
         return cache[name]
 
     return load
@@ -52,12 +52,12 @@ def test_family_loads_without_torchvision_and_says_so_once(name, tiny_family_dir
     needs_extras(name)
     folder = tiny_family_dir(name)
     capsys.readouterr()
-    model, processor = vlm.load_model(folder)
+    model, processor = families.load_model(folder)
     lines = [line for line in capsys.readouterr().out.splitlines() if "torchvision not installed" in line]
     if name in HAS_VIDEO_PROCESSOR and not HAS_TORCHVISION:
         assert lines == [f"clgrpo: {folder}: torchvision not installed, loaded the {type(processor).__name__} "
                          f"processor image-only (no video)"]
-        assert isinstance(processor.video_processor, vlm.MissingVideoProcessor)
+        assert isinstance(processor.video_processor, families.MissingVideoProcessor)
     else:
         assert lines == []
     assert processor.tokenizer.padding_side == "left"
@@ -113,7 +113,7 @@ def to_hub_layout(folder, fast_image_processor):
 def test_hub_layout_loads_image_only_with_the_pil_image_processor(name, fast, tiny_family_dir, tmp_path, capsys):
     folder = shutil.copytree(tiny_family_dir(name), tmp_path / name)
     template = to_hub_layout(folder, fast)
-    _, processor = vlm.load_model(folder)
+    _, processor = families.load_model(folder)
     assert capsys.readouterr().out.count("torchvision not installed") == 1
     assert type(processor.image_processor).__name__ == fast.replace("Fast", "Pil")
     assert processor.chat_template == template
@@ -130,7 +130,7 @@ def test_folder_without_chat_template_fails_at_load_naming_it(name, tiny_family_
     folder = shutil.copytree(tiny_family_dir(name), tmp_path / f"{name}-base")
     (folder / "chat_template.jinja").unlink()
     with pytest.raises(ValueError, match=f"{folder}: the processor has no chat template"):
-        vlm.load_model(folder)
+        families.load_model(folder)
 
 
 def test_text_only_folder_fails_at_load_naming_it(tiny_family_dir, tmp_path):
@@ -140,16 +140,16 @@ def test_text_only_folder_fails_at_load_naming_it(tiny_family_dir, tmp_path):
     (folder / "processor_config.json").unlink()  # a causal-LM folder: a tokenizer, no image processor
     LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(folder)
     with pytest.raises(ValueError, match=f"{folder}: model type 'llama' is not an image-text-to-text model"):
-        vlm.load_model(folder)
+        families.load_model(folder)
     with pytest.raises(ValueError, match=f"{folder}: the processor cannot be loaded"):
-        vlm.load_processor(folder)  # its tokenizer_config.json still names Idefics3Processor
+        families.load_processor(folder)  # its tokenizer_config.json still names Idefics3Processor
 
 
 @no_torchvision
 def test_other_processor_errors_are_not_taken_for_missing_torchvision(tiny_family_dir, tmp_path):
     folder = shutil.copytree(tiny_family_dir("qwen2_vl"), tmp_path / "broken")
     (folder / "processor_config.json").write_text("{ not json")
-    assert not vlm.needs_missing_torchvision(folder)
+    assert not families.needs_missing_torchvision(folder)
     with pytest.raises(Exception) as caught:
-        vlm.load_model(folder)
+        families.load_model(folder)
     assert "torchvision" not in str(caught.value)

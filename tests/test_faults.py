@@ -11,14 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import torch
+import checkpoints
 import clgrpo
 import cot_builder
 import eval as evaluation
+import families
+import pytest
 import sft
+import torch
 import toy
-import vlm
 from data import read_emoset_split, read_jsonl
 from test_data import huge_png_header
 
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the flags were checked")
-    monkeypatch.setattr(vlm, "load_model", refuse)
+    monkeypatch.setattr(families, "load_model", refuse)
 
 
 SFT = ["--mode", "label", "--model", "m", "--data", "d"]
@@ -91,7 +92,7 @@ def test_resume_without_trainer_state_is_an_error_that_changes_nothing(tmp_path,
 def test_a_kill_between_the_renames_is_recovered_at_the_next_start(tiny, tmp_path, monkeypatch):
     model, processor = tiny
     ckpt = tmp_path / "run" / "checkpoint"
-    vlm.save_checkpoint(model, processor, ckpt, trainer_state={"step": 1})
+    checkpoints.save_checkpoint(model, processor, ckpt, trainer_state={"step": 1})
     real_replace, calls = os.replace, []
 
     def killed_after_first_rename(src, dst):
@@ -100,12 +101,12 @@ def test_a_kill_between_the_renames_is_recovered_at_the_next_start(tiny, tmp_pat
             raise KeyboardInterrupt("SIGKILL")   # out -> .old happened, .tmp -> out did not
         real_replace(src, dst)
 
-    monkeypatch.setattr(vlm.os, "replace", killed_after_first_rename)
+    monkeypatch.setattr(checkpoints.os, "replace", killed_after_first_rename)
     with pytest.raises(KeyboardInterrupt):
-        vlm.save_checkpoint(model, processor, ckpt, trainer_state={"step": 2})
+        checkpoints.save_checkpoint(model, processor, ckpt, trainer_state={"step": 2})
     monkeypatch.undo()
     assert not ckpt.exists() and sorted(p.name for p in ckpt.parent.iterdir()) == [".checkpoint.old", ".checkpoint.tmp"]
-    assert vlm.resume_point(tmp_path / "run", resume=True) == ckpt       # recovered, then resumable
+    assert checkpoints.resume_point(tmp_path / "run", resume=True) == ckpt       # recovered, then resumable
     assert torch.load(ckpt / "trainer_state.pt")["step"] == 1
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint"]
 
@@ -117,10 +118,10 @@ def test_non_finite_weights_are_never_saved(tiny, tmp_path):
     bad[name][0] = float("inf")
     broken = type(model)(model.config)
     broken.load_state_dict(bad)
-    with pytest.raises(vlm.NonFiniteError, match=f"non-finite weights \\(first: {name}\\)"):
-        vlm.save_checkpoint(broken, processor, tmp_path / "ckpt")
+    with pytest.raises(checkpoints.NonFiniteError, match=f"non-finite weights \\(first: {name}\\)"):
+        checkpoints.save_checkpoint(broken, processor, tmp_path / "ckpt")
     assert not list(tmp_path.iterdir())
-    vlm.require_finite_weights(model)   # the healthy model passes
+    checkpoints.require_finite_weights(model)   # the healthy model passes
 
 
 def poison_after(monkeypatch, n_steps: int):
@@ -147,8 +148,8 @@ def test_sft_stops_on_non_finite_weights_and_keeps_the_last_good_checkpoint(tmp_
         sft.main(common)
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2
-    model, _ = vlm.load_model(tmp_path / "run")
-    vlm.require_finite_weights(model)
+    model, _ = families.load_model(tmp_path / "run")
+    checkpoints.require_finite_weights(model)
 
 
 def test_clgrpo_stops_on_non_finite_weights(tmp_path, tiny_model_dir, toy_data, monkeypatch):
@@ -168,7 +169,7 @@ def test_clgrpo_stops_on_non_finite_weights(tmp_path, tiny_model_dir, toy_data, 
                      "--steps", "3", "--beta", "0", "--batch-size", "2", "--num-generations", "2",
                      "--max-new-tokens", "4", "--eval-every", "0", "--save-every", "1"])
     assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
-    vlm.require_finite_weights(vlm.load_model(out)[0])
+    checkpoints.require_finite_weights(families.load_model(out)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_sft_killed_at_random_points_resumes_to_the_same_weights_and_log(tmp_pat
         kills += run_killed(cmd(out, resume=has_state()), out / "metrics.jsonl", k, rng)
     assert kills >= 1
     subprocess.run(cmd(out, resume=has_state()), cwd=REPO, env=ENV, check=True, capture_output=True)
-    ref, got = vlm.load_model(tmp_path / "ref")[0].state_dict(), vlm.load_model(out)[0].state_dict()
+    ref, got = families.load_model(tmp_path / "ref")[0].state_dict(), families.load_model(out)[0].state_dict()
     assert all(torch.equal(ref[k], got[k]) for k in ref)                         # bit-exact
     strip = lambda path: [{k: v for k, v in r.items() if k != "step_s"} for r in read_jsonl(path)]  # noqa: E731
     assert strip(out / "metrics.jsonl") == strip(tmp_path / "ref" / "metrics.jsonl")

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import clgrpo
+import families
 import lora
 import sft
 import vlm
@@ -76,7 +78,7 @@ def test_lora_disabled_restores_the_switch_when_the_body_raises():
 # On the tiny VLM: which layers, how many parameters, where the gradients go
 # ---------------------------------------------------------------------------------------------
 def test_default_targets_wrap_the_language_model_only_and_count_closed_form(tiny_model_dir):
-    model, _ = vlm.load_model(tiny_model_dir)
+    model, _ = families.load_model(tiny_model_dir)
     base_total = sum(p.numel() for p in model.parameters())
     wrapped = lora.add_lora(model, rank=4)
     assert len(wrapped) == 14 and all(".text_model." in n for n in wrapped)   # 2 layers x 7 projections
@@ -88,15 +90,15 @@ def test_default_targets_wrap_the_language_model_only_and_count_closed_form(tiny
 
 
 def test_vision_targets_only_when_asked_and_bad_targets_are_refused(tiny_model_dir):
-    model, _ = vlm.load_model(tiny_model_dir)
+    model, _ = families.load_model(tiny_model_dir)
     wrapped = lora.add_lora(model, rank=2, alpha=2, targets="q_proj", vision=True)
     assert sum(".vision_model." in n for n in wrapped) == 2 and sum(".text_model." in n for n in wrapped) == 2
     for targets, message in (("lm_head", "tied to another module"), ("mlp", "is a .*MLP, not a Linear"),
                              ("nope", "no layer .* outside the vision tower .* named .*q_proj")):
         with pytest.raises(ValueError, match=message):
-            lora.add_lora(vlm.load_model(tiny_model_dir)[0], rank=2, targets=targets)
+            lora.add_lora(families.load_model(tiny_model_dir)[0], rank=2, targets=targets)
     with pytest.raises(ValueError, match="vision"):   # out_proj exists only in the vision tower
-        lora.add_lora(vlm.load_model(tiny_model_dir)[0], rank=2, targets="out_proj")
+        lora.add_lora(families.load_model(tiny_model_dir)[0], rank=2, targets="out_proj")
 
 
 def sft_batch(processor, toy_data, n=4):
@@ -106,7 +108,7 @@ def sft_batch(processor, toy_data, n=4):
 
 
 def test_gradients_reach_only_the_adapters_and_the_base_stays_bit_identical(tiny_model_dir, toy_data):
-    model, processor = vlm.load_model(tiny_model_dir)
+    model, processor = families.load_model(tiny_model_dir)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora.add_lora(model, rank=4)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -133,7 +135,7 @@ def test_gradients_reach_only_the_adapters_and_the_base_stays_bit_identical(tiny
 def lora_model_with_random_adapters(folder, seed=0, rank=4):
     """The folder's model with adapters whose B is random too (as after training), so the adapted
     model really differs from its base."""
-    model, processor = vlm.load_model(folder)
+    model, processor = families.load_model(folder)
     lora.add_lora(model, rank=rank)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -156,7 +158,7 @@ def test_reference_logprobs_are_the_base_models_with_the_adapters_off(tiny_model
     policy = clgrpo.Policy(model, processor, None, None, None)
     with torch.no_grad():
         ref = clgrpo.reference_logprobs(policy, args)
-        separate = vlm.completion_logprobs(vlm.load_model(tiny_model_dir)[0], *args)
+        separate = vlm.completion_logprobs(families.load_model(tiny_model_dir)[0], *args)
         adapted = vlm.completion_logprobs(model, *args)
     keep = r.completion_mask.bool()
     assert (ref - separate)[keep].abs().max().item() < 1e-6
@@ -167,7 +169,7 @@ def test_reference_logprobs_are_the_base_models_with_the_adapters_off(tiny_model
 def test_a_saved_checkpoint_is_plain_and_merged_and_gives_the_unmerged_logits(tiny_model_dir, toy_data, tmp_path):
     model, processor = lora_model_with_random_adapters(tiny_model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt = vlm.save_checkpoint(model, processor, tmp_path / "ckpt")
+    ckpt = checkpoints.save_checkpoint(model, processor, tmp_path / "ckpt")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())      # training model untouched
     saved = load_file(ckpt / "model.safetensors")
     plain = load_file(tiny_model_dir / "model.safetensors")
@@ -175,7 +177,7 @@ def test_a_saved_checkpoint_is_plain_and_merged_and_gives_the_unmerged_logits(ti
     adapters = load_file(ckpt / lora.ADAPTERS_FILE)
     assert adapters.keys() == lora.lora_state_dict(model).keys()
     assert all(torch.equal(adapters[k], v) for k, v in lora.lora_state_dict(model).items())
-    merged, _ = vlm.load_model(ckpt)
+    merged, _ = families.load_model(ckpt)
     assert not lora.lora_layers(merged)
     batch = {k: v for k, v in sft_batch(processor, toy_data).items() if k != "labels"}
     with torch.no_grad():
@@ -200,7 +202,7 @@ def test_a_saved_checkpoint_is_plain_and_merged_and_gives_the_unmerged_logits(ti
 ])
 def test_contradictory_lora_flags_are_refused_before_loading(tmp_path, monkeypatch, capsys, main, base, flags,
                                                              message):
-    monkeypatch.setattr(vlm, "load_model", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
+    monkeypatch.setattr(families, "load_model", lambda *a, **k: pytest.fail("loaded before the flags were checked"))
     with pytest.raises(SystemExit) as e:
         main(base + ["--out", str(tmp_path / "run"), *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -218,8 +220,8 @@ FAST_RL = ["--batch-size", "4", "--num-generations", "8", "--max-new-tokens", "4
 
 
 def test_a_lora_grpo_run_loads_no_reference_model_and_has_kl(tmp_path, half_format_model, toy_data, monkeypatch):
-    loads, real = [], vlm.load_model
-    monkeypatch.setattr(vlm, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    loads, real = [], families.load_model
+    monkeypatch.setattr(families, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     torch.manual_seed(0)
     out = tmp_path / "run"
     clgrpo.main(["--stage", "3", "--model", str(half_format_model), "--data", str(toy_data), "--out", str(out),
@@ -303,8 +305,8 @@ def test_lora_sft_then_lora_stage3_through_the_command_line(family, tiny_model_d
         saved = load_file(tmp_path / run / "checkpoint" / "model.safetensors")
         assert saved.keys() == load_file(folder / "model.safetensors").keys(), run   # a plain checkpoint
     assert math.isfinite(lines[-1]["kl_mean"])
-    trained, _ = vlm.load_model(tmp_path / "sft")
-    base, _ = vlm.load_model(folder)
+    trained, _ = families.load_model(tmp_path / "sft")
+    base, _ = families.load_model(folder)
     changed = [k for k, v in base.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
     assert changed and all(k.endswith(tuple(f"{t}.weight" for t in lora.parse_targets(lora.DEFAULT_TARGETS)))
                            for k in changed)   # only the adapted projections moved, merged into their weights

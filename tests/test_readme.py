@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-MODULES = ("clgrpo", "vlm", "sft", "eval", "rewards", "data", "toy", "cot_builder", "lora")
+MODULES = ("clgrpo", "dynamic_sampling", "vlm", "families", "checkpoints", "sft", "eval", "rewards", "data", "config",
+           "charts", "toy", "cot_builder", "lora")
 VERL_KEYS = ("data.train_batch_size", "data.max_response_length", "data.filter_overlong_prompts")  # verl's config
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import clgrpo
+import families
 import sft
 import vlm
 from data import read_emoset_split
@@ -53,10 +54,10 @@ def test_the_readme_real_run_flags_through_the_command_lines(model_dir, toy_data
     assert config["ref_dtype"] == "bfloat16" and config["bf16"] and config["freeze_vision"]
 
     # --freeze-vision: the tower's weights are bit-identical after SFT and GRPO; the rest has moved
-    start, _ = vlm.load_model(model_dir)
-    end, _ = vlm.load_model(tmp_path / "rl")
-    tower, rest = vlm.vision_parameters(start), dict(end.named_parameters())
-    assert tower and all(torch.equal(a, b) for a, b in zip(tower, vlm.vision_parameters(end)))
+    start, _ = families.load_model(model_dir)
+    end, _ = families.load_model(tmp_path / "rl")
+    tower, rest = families.vision_parameters(start), dict(end.named_parameters())
+    assert tower and all(torch.equal(a, b) for a, b in zip(tower, families.vision_parameters(end)))
     tower_ids = {id(p) for p in tower}
     moved = [n for n, p in start.named_parameters() if id(p) not in tower_ids and not torch.equal(p, rest[n])]
     assert moved, "nothing but the vision tower was trained either"
@@ -105,7 +106,7 @@ def shared_feature_gradients(model, processor, images, completion, mask, group_s
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_through_shared_features(model_dir):
-    model, processor = vlm.load_model(model_dir)   # float32
+    model, processor = families.load_model(model_dir)   # float32
     model.train()
     images, g = [Image.new("RGB", (64, 64), (200, 40, 40)), Image.new("RGB", (96, 64), (40, 40, 200))], 3
     torch.manual_seed(0)
@@ -114,7 +115,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_through_shared_features
     calls, grads = {}, {}
     for checkpointed in (False, True):
         if checkpointed:
-            vlm.enable_activation_checkpointing(model)
+            families.enable_activation_checkpointing(model)
         # both arms on the per-row path (the one a checkpointed model in training takes), so that the
         # layer runs compare like for like: the shared-prompt path runs each text layer twice per
         # micro-batch in the forward (the prompts, then the completions), as many runs as a recompute
@@ -134,12 +135,12 @@ def test_frozen_vision_encodes_each_image_once_and_stays_bit_identical(model_dir
     cfg = clgrpo.stage_config(3, model=str(model_dir), data=str(toy_data), out="", batch_size=2, num_generations=3,
                               max_new_tokens=5, micro_batch=2, logp_micro_batch=4, lr=1e-3, bf16=True,
                               ref_dtype="bfloat16", gradient_checkpointing=True, freeze_vision=True)
-    model, processor = vlm.load_for_training(cfg, None)
-    tower = [p.detach().clone() for p in vlm.vision_parameters(model)]
-    assert tower and not any(p.requires_grad for p in vlm.vision_parameters(model))
+    model, processor = families.load_for_training(cfg, None)
+    tower = [p.detach().clone() for p in families.vision_parameters(model)]
+    assert tower and not any(p.requires_grad for p in families.vision_parameters(model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    ref_model, _ = vlm.load_model(model_dir, cfg.ref_dtype)   # beta > 0: the update runs even when rewards tie
+    ref_model, _ = families.load_model(model_dir, cfg.ref_dtype)   # beta > 0: the update runs even when rewards tie
     policy = clgrpo.Policy(model, processor, ref_model.requires_grad_(False), optimizer,
                            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1),
                            torch.autocast("cpu", dtype=torch.bfloat16))
@@ -158,4 +159,4 @@ def test_frozen_vision_encodes_each_image_once_and_stays_bit_identical(model_dir
     passes = 1 + cfg.mu      # sampling, each update (pi_old is the first update's forward)
     assert counter.rows == passes * once.rows, (counter.rows, once.rows)
     assert all(math.isfinite(u["loss"].item()) for u in updates)
-    assert all(torch.equal(a, b) for a, b in zip(tower, vlm.vision_parameters(model)))
+    assert all(torch.equal(a, b) for a, b in zip(tower, families.vision_parameters(model)))

@@ -6,7 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+import charts
 import eval as evaluation
+import families
 import sft
 import toy
 import vlm
@@ -88,11 +90,11 @@ def test_label_sft_learns_the_easy_toy(tmp_path, tiny_model_dir):
     data = tmp_path / "easy"
     toy.write_toy_dataset(data, "easy", seed=1, sizes={"train": 256, "val": 16, "test": 48})
     test, _ = read_emoset_split(data, "test")
-    model, processor = vlm.load_model(tiny_model_dir)
+    model, processor = families.load_model(tiny_model_dir)
     before, _ = evaluation.evaluate(model, processor, data, test, progress=False)
     sft.main(["--mode", "label", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
               "--steps", "60", "--eval-every", "0", "--save-every", "60"])
-    model, processor = vlm.load_model(tmp_path / "run")
+    model, processor = families.load_model(tmp_path / "run")
     after, _ = evaluation.evaluate(model, processor, data, test, progress=False)
     assert before["accuracy"] < 0.3          # chance is 1/8; the random model rarely even answers
     assert after["accuracy"] >= 0.9
@@ -114,8 +116,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, toy_data,
     state = torch.load(tmp_path / "split" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 3
     sft.main(common + ["--out", str(tmp_path / "split"), "--resume"])
-    full, _ = vlm.load_model(tmp_path / "full")
-    split, _ = vlm.load_model(tmp_path / "split")
+    full, _ = families.load_model(tmp_path / "full")
+    split, _ = families.load_model(tmp_path / "split")
     for (name, a), b in zip(full.state_dict().items(), split.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
@@ -194,9 +196,9 @@ def test_confusion_png_has_one_cell_per_class_pair(tmp_path):
         matrix[i][i] = 10
         matrix[i][8] = 0
     matrix[0][8] = 10  # half of row 0 is invalid
-    evaluation.confusion_png(matrix, tmp_path / "cm.png", "t")
+    charts.confusion_png(matrix, tmp_path / "cm.png", "t")
     img = Image.open(tmp_path / "cm.png").convert("RGB")
-    c, m = evaluation.CELL, evaluation.MARGIN
+    c, m = charts.CELL, charts.MARGIN
     assert img.size == (m + 9 * c + 10, m + 8 * c + 10)
     corner = lambda i, j: img.getpixel((m + j * c + 2, m + i * c + 2))  # noqa: E731 (a cell's shade, away from its text)
     assert corner(1, 1)[0] == 0                # full row on the diagonal: darkest
@@ -208,7 +210,7 @@ def test_plot_curves_draws_only_logged_numeric_keys(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "kl_mean": 0.01 * s, "note": "x"}) + "\n"
                             for s in range(1, 31)))
-    keys = evaluation.plot_curves(path, tmp_path / "curves.png")
+    keys = charts.plot_curves(path, tmp_path / "curves.png")
     assert keys == ["loss", "kl_mean"]
     assert Image.open(tmp_path / "curves.png").size == (900, 160)
 
@@ -246,7 +248,7 @@ def test_sft_nonfinite_loss_stops_before_the_step(tmp_path, tiny_model_dir, toy_
 
 def test_bar_chart_bars_error_bars_and_reference_line(tmp_path):
     rows = {"baseline": [40.0, 50.0, 60.0], "stage4": [80.0, 80.0, 80.0]}
-    img = evaluation.bar_chart_png(rows, tmp_path / "bars.png", "t", reference=("ceiling", 95.0))
+    img = charts.bar_chart_png(rows, tmp_path / "bars.png", "t", reference=("ceiling", 95.0))
     assert Image.open(tmp_path / "bars.png").size == img.size
     px = img.convert("RGB")
     # geometry of bar_chart_png: y = top + plot_h - v / y_max * plot_h, y_max = 1.08 * max drawn value
@@ -254,16 +256,16 @@ def test_bar_chart_bars_error_bars_and_reference_line(tmp_path):
     y_max = 95.0 * 1.08
     y_of = lambda v: round(top + plot_h - v / y_max * plot_h)  # noqa: E731
     x_bar = lambda i: left + gap + i * (bar_w + gap)  # noqa: E731
-    assert px.getpixel((x_bar(0) + 3, y_of(49))) == evaluation.BAR_COLORS[0]     # bar up to the mean 50
+    assert px.getpixel((x_bar(0) + 3, y_of(49))) == charts.BAR_COLORS[0]     # bar up to the mean 50
     assert px.getpixel((x_bar(0) + 3, y_of(52))) == (255, 255, 255)              # and not beyond it
-    assert px.getpixel((x_bar(1) + 3, y_of(79))) == evaluation.BAR_COLORS[1]
+    assert px.getpixel((x_bar(1) + 3, y_of(79))) == charts.BAR_COLORS[1]
     xc = x_bar(0) + bar_w // 2
     assert px.getpixel((xc, y_of(58))) == (0, 0, 0)                               # error bar reaches 50 + std 10
     assert px.getpixel((xc, y_of(62))) != (0, 0, 0)
     assert px.getpixel((x_bar(1) + bar_w // 2, y_of(85))) != (0, 0, 0)            # std 0: no error bar
     assert (200, 0, 0) in {px.getpixel((x, y_of(95.0))) for x in range(left, left + 10)}  # dashed ceiling
     with pytest.raises(ValueError, match="at least one value"):
-        evaluation.bar_chart_png({"empty": []}, tmp_path / "x.png")
+        charts.bar_chart_png({"empty": []}, tmp_path / "x.png")
 
 
 def test_curves_side_by_side_one_column_per_run_shared_rows(tmp_path):
@@ -277,7 +279,7 @@ def test_curves_side_by_side_one_column_per_run_shared_rows(tmp_path):
                                  for s in range(1, 11)))
             files.append(f)
         runs[name] = files
-    keys = evaluation.curves_side_by_side_png(runs, tmp_path / "side.png")
+    keys = charts.curves_side_by_side_png(runs, tmp_path / "side.png")
     assert keys == ["reward_accuracy", "kl_mean", "frac_zero_std"]  # unlogged keys are left out
     assert Image.open(tmp_path / "side.png").size == (95 + 2 * 260 + 10, 20 + 3 * 120 + 10)
 

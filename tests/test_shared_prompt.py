@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import families
 import lora
 import vlm
 from tiny_families import FAMILY_NAMES
@@ -25,7 +26,7 @@ def two_images():
 @pytest.fixture(scope="module", params=("toy",) + FAMILY_NAMES)
 def family(request, tiny_family_dir, tiny_model_dir):
     folder = tiny_model_dir if request.param == "toy" else tiny_family_dir(request.param)
-    model, processor = vlm.load_model(folder)
+    model, processor = families.load_model(folder)
     return request.param, model, processor
 
 
@@ -106,7 +107,7 @@ def test_prompt_positions_computed_once_per_group(family):
 @pytest.mark.parametrize("name", ["toy", "qwen2_vl", "gemma3"])
 def test_shared_prompt_with_lora(name, tiny_family_dir, tiny_model_dir):
     folder = tiny_model_dir if name == "toy" else tiny_family_dir(name)
-    model, processor = vlm.load_model(folder)
+    model, processor = families.load_model(folder)
     lora.add_lora(model, rank=4, alpha=8.0)
     for layer in lora.lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.02)  # adapters that change the output
@@ -118,11 +119,11 @@ def test_shared_prompt_with_lora(name, tiny_family_dir, tiny_model_dir):
 def test_activation_checkpointing_falls_back_and_still_matches(tiny_model_dir):
     """transformers' checkpointed layers drop the KV cache, so a checkpointed model in training
     uses the per-row path; its gradients still equal the plain model's."""
-    model, processor = vlm.load_model(tiny_model_dir)
+    model, processor = families.load_model(tiny_model_dir)
     prompts, completion, mask = batch(model, processor)
     model.train()
     expected = grads_of(model, prompts, completion, mask, True, 4)
-    vlm.enable_activation_checkpointing(model)
+    families.enable_activation_checkpointing(model)
     model.train()
     assert not vlm.shares_prompt(model)
     got = grads_of(model, prompts, completion, mask, None, 4)

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import checkpoints
+import families
 import vlm
 from data import INSTRUCTION, load_image, read_emoset_split
 
@@ -29,7 +31,7 @@ def test_tiny_model_reloads_with_auto_classes_offline_and_generates(tiny_model_d
 
 def test_chat_prompt_holds_one_image_and_ends_with_generation_prompt(tiny):
     _, processor = tiny
-    text = vlm.chat_prompt(processor)
+    text = families.chat_prompt(processor)
     assert text.count("<image>") == 1 and INSTRUCTION in text and text.endswith("Assistant:")
 
 
@@ -72,8 +74,8 @@ def test_logprobs_equal_log_softmax_of_raw_generation_logits(tiny, images):
 def test_logprobs_same_alone_and_in_a_left_padded_batch(tiny, images):
     """Other images, other prompt lengths, G > 1: each row keeps its own image and prompt."""
     model, processor = tiny
-    prompts = [vlm.chat_prompt(processor), vlm.chat_prompt(processor, "Emotion?"),
-               vlm.chat_prompt(processor, "Which emotion, in one word?")]
+    prompts = [families.chat_prompt(processor), families.chat_prompt(processor, "Emotion?"),
+               families.chat_prompt(processor, "Which emotion, in one word?")]
     group = 2
     torch.manual_seed(2)
     batch = vlm.encode_prompts(processor, images, prompts)
@@ -117,7 +119,7 @@ def test_row_inputs_index_prompt_tensors_and_leave_pixels_out():
 def test_save_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
     model, processor = tiny
     out = tmp_path / "ckpt"
-    vlm.save_checkpoint(model, processor, out, trainer_state={"step": 1})
+    checkpoints.save_checkpoint(model, processor, out, trainer_state={"step": 1})
     assert torch.load(out / "trainer_state.pt")["step"] == 1
 
     def crash(*args, **kwargs):
@@ -125,13 +127,13 @@ def test_save_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(processor, "save_pretrained", crash)
     with pytest.raises(OSError):
-        vlm.save_checkpoint(model, processor, out, trainer_state={"step": 2})
+        checkpoints.save_checkpoint(model, processor, out, trainer_state={"step": 2})
     assert torch.load(out / "trainer_state.pt")["step"] == 1  # the old checkpoint survives whole
     monkeypatch.undo()
-    vlm.save_checkpoint(model, processor, out, trainer_state={"step": 3})
+    checkpoints.save_checkpoint(model, processor, out, trainer_state={"step": 3})
     assert torch.load(out / "trainer_state.pt")["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left
-    reloaded, _ = vlm.load_model(out)
+    reloaded, _ = families.load_model(out)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
 
 

@@ -12,7 +12,7 @@ LLaVA-NeXT-Mistral (LlamaTokenizer, the legacy layout that prefixes a space to t
 special token) and Gemma 3 (GemmaTokenizer), so that tokenisation boundary effects are tested.
 
 Families whose processor has a video processor (SmolVLM2, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL,
-LLaVA-OneVision) are built without it (`vlm.image_only_class`): every video processor needs
+LLaVA-OneVision) are built without it (`families.image_only_class`): every video processor needs
 torchvision, which cannot be installed here. The saved folder still looks like the real one:
 processor_config.json (image processor settings inside, as transformers 5 saves them),
 tokenizer.json + tokenizer_config.json, chat_template.jinja, and a hand-written
@@ -53,7 +53,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import toy  # noqa: E402
-from vlm import image_only_class  # noqa: E402
+from families import image_only_class  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Real chat templates, verbatim (a chat template is a config fact of the checkpoint, not code)
@@ -710,7 +710,7 @@ def main(argv=None) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    import vlm
+    import families
 
     torch.set_num_threads(2)
     names = argv or list(FAMILY_NAMES)
@@ -719,7 +719,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             path = build_tiny_family(name, Path(tmp) / name)
             seconds = time.perf_counter() - t0
-            model, processor = vlm.load_model(path)
+            model, processor = families.load_model(path)
             n_params = sum(p.numel() for p in model.parameters())
             print(f"| {name:<15} | {n_params:>10,} | {_image_tokens(processor, name, 64):>18} | "
                   f"{_image_tokens(processor, name, 96):>5} | {seconds:>7.1f} |")

@@ -3,14 +3,15 @@ and sharing image features changes nothing (values and gradients) against repeat
 
 import torch
 
+import families
 import vlm
 
 def vision_tower(model):
     base = model.base_model
-    for name in vlm.VISION_TOWERS:
+    for name in families.VISION_TOWERS:
         if hasattr(base, name):
             return getattr(base, name)
-    raise AttributeError(f"{type(model).__name__}: no vision tower among {vlm.VISION_TOWERS}")
+    raise AttributeError(f"{type(model).__name__}: no vision tower among {families.VISION_TOWERS}")
 
 
 class VisionInputCounter:
