@@ -22,8 +22,7 @@ make the exit code 3 while any remain.
     python cot_builder.py export --to trl|verl --cot runs/cot/train.jsonl --data ROOT --out DIR
 
 converts the COT records (or, with --split, an EmoSet split) into the RL dataset of TRL's
-GRPOTrainer (DIR/train.jsonl) or verl (DIR/train.json), for training beyond one GPU (README:
-"Outgrowing one GPU: TRL and verl").
+GRPOTrainer (DIR/train.jsonl) or verl (DIR/train.json), for training beyond one GPU (docs/handoff.md).
 """
 
 from __future__ import annotations
@@ -599,7 +598,7 @@ def exit_code(summary: dict) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Export: the COT records as the RL dataset of TRL's GRPOTrainer or of verl. Formats checked
-# against TRL v1.9.0 and verl v0.7.0 (README: "Outgrowing one GPU: TRL and verl"). RL needs only
+# against TRL v1.9.0 and verl v0.7.0 (docs/handoff.md). RL needs only
 # the prompt (the one instruction and the image) and the label the rewards check.
 # ---------------------------------------------------------------------------------------------
 VERL_DATA_SOURCE = "emoset"   # verl's data_source column: names the dataset in its logs and reward calls

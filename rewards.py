@@ -157,7 +157,7 @@ def combined_reward(texts: list[str], labels: list[str],
 
 
 # ---------------------------------------------------------------------------------------------
-# Adapters for multi-GPU trainers (README: "Outgrowing one GPU: TRL and verl"). Each is a thin
+# Adapters for multi-GPU trainers (docs/handoff.md). Each is a thin
 # wrapper over the rewards above, with the calling convention of one library, so those libraries
 # score completions exactly as this project does. Neither library is imported here.
 # ---------------------------------------------------------------------------------------------

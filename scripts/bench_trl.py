@@ -61,7 +61,7 @@ The table, one per mu, one row per side:
 Each phase is its own median, so the phases need not add up to `s/step`. Everything, each step of
 each process included, is written to OUT/bench_trl.json.
 
-The TRL side is set up as README "Outgrowing one GPU" says: the exported train.jsonl loaded with
+The TRL side is set up as docs/handoff.md says: the exported train.jsonl loaded with
 `datasets.load_dataset("json", ...)` and its `image` column cast to `datasets.Image()`, the model
 given as its folder (a run folder's checkpoint/), in fp32 (TRL's GRPOConfig defaults to bf16 and
 gradient checkpointing: both are turned off). It gets the project's processor (families.load_processor)

@@ -4,7 +4,7 @@ Each model is built from its published config (written below: hidden sizes, laye
 vocabulary, vision tower, image size and patch, tiles), with random weights (nothing is
 downloaded), the real processor settings (tile size, image tokens per tile) and the family's
 real chat template, saved, and loaded back with families.load_for_training from the flags of the
-README's "Running it for real" commands. Then one SFT step and GRPO steps run through the
+docs/real_run.md's commands. Then one SFT step and GRPO steps run through the
 project's own functions (sft.build_sft_batch, sft.accumulate_gradients, clgrpo.grpo_step).
 It reports parameters (vision tower / projector / language), image tokens of an EmoSet-sized
 image (500 x 375), prompt tokens, memory part by part (weights, weights + gradients + AdamW after
@@ -15,11 +15,11 @@ process, so its peak is its own and running out of memory stops only that model.
     OMP_NUM_THREADS=1 python scripts/full_size.py --device cpu --models smolvlm-256m --out cpu.json
     python scripts/full_size.py --device cuda --out gpu_check.json      # the first GPU: ~10 minutes
 
-CPU defaults: B = 2 prompts, G = 2, 16 new tokens, 1 GRPO step. CUDA defaults: the README's
+CPU defaults: B = 2 prompts, G = 2, 16 new tokens, 1 GRPO step. CUDA defaults: docs/real_run.md's
 settings, B = 8, G = 8, 256 new tokens, 3 GRPO steps (the first one includes warm-up). On the
 CPU, memory is the resident set (/proc/self/status; glibc is told to return freed blocks at once,
 so the resident set follows live tensors); on CUDA it is torch's allocated memory.
-docs/real_run.md holds the measured figures next to the README's memory plan.
+docs/real_run.md holds the memory plan and the measured figures.
 """
 
 from __future__ import annotations
@@ -132,9 +132,9 @@ def qwen2_vl_2b():
 class Spec:
     checkpoint: str          # the published checkpoint whose config is written above
     build: object            # () -> (model class, config, processor, generation ids)
-    max_image_tokens: int    # the README's --max-image-tokens for it
-    micro_batch: int         # the README's --micro-batch for it
-    readme_params_b: float   # the README memory plan's parameter count, in billions
+    max_image_tokens: int    # docs/real_run.md's --max-image-tokens for it
+    micro_batch: int         # docs/real_run.md's --micro-batch for it
+    readme_params_b: float   # the parameter count in docs/real_run.md's memory plan, in billions
 
 
 MODELS = {
@@ -168,7 +168,7 @@ def parameter_counts(model) -> dict:
 
 
 def image_and_prompt_tokens(model_type: str, processor, max_image_tokens: int) -> dict:
-    """Image tokens of one EmoSet-sized image, and the whole prompt's tokens, at the README's budget."""
+    """Image tokens of one EmoSet-sized image, and the whole prompt's tokens, at docs/real_run.md's budget."""
     from PIL import Image
 
     import families
@@ -187,7 +187,7 @@ def text_dims(config) -> dict:
 
 
 def estimates_gib(params: dict, dims: dict, prompt_tokens: int, s: "Settings", micro_batch: int) -> dict:
-    """The README's memory plan, from the sizes: every figure an estimate, in GiB."""
+    """docs/real_run.md's memory plan, from the sizes: every figure an estimate, in GiB."""
     gib, n = 2 ** -30, s.batch_size * s.num_generations
     rows = min(micro_batch, n)
     return {
@@ -325,7 +325,7 @@ def build_and_save(name: str, folder: Path) -> float:
 
 
 def readme_flags(name: str, s: Settings) -> list[str]:
-    """The hardware flags of the README's commands ($GPU), on this run's device (and its LoRA
+    """The hardware flags of docs/real_run.md's commands ($GPU), on this run's device (and its LoRA
     variant's `--lora-rank`)."""
     lora_flags = ["--lora-rank", str(s.lora_rank)] if s.lora_rank else []
     return ["--bf16", "--gradient-checkpointing", "--device", s.device,
@@ -350,7 +350,7 @@ def tensor_gib(model) -> float:
 
 
 def sft_step(name: str, folder: Path, data: Path, s: Settings, memory: Memory) -> dict:
-    """One SFT step (B examples) with the README's flags: memory part by part, seconds."""
+    """One SFT step (B examples) with docs/real_run.md's flags: memory part by part, seconds."""
     import torch
 
     import families
@@ -390,7 +390,7 @@ def sft_step(name: str, folder: Path, data: Path, s: Settings, memory: Memory) -
 
 
 def grpo_steps(name: str, folder: Path, data: Path, s: Settings, memory: Memory) -> dict:
-    """GRPO steps (stage 3) with the README's RL flags: memory part by part, per-phase peaks, seconds."""
+    """GRPO steps (stage 3) with docs/real_run.md's RL flags: memory part by part, per-phase peaks, seconds."""
     import torch
 
     import clgrpo
@@ -469,14 +469,14 @@ def run_in_child(name: str, s: Settings, work: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 def settings_from(args) -> Settings:
-    gpu = args.device == "cuda"   # defaults: the README's settings on a GPU, a small step on the CPU
+    gpu = args.device == "cuda"   # defaults: docs/real_run.md's settings on a GPU, a small step on the CPU
     return Settings(args.device, args.batch_size or (8 if gpu else 2), args.num_generations or (8 if gpu else 2),
                     args.max_new_tokens or (256 if gpu else 16), args.grpo_steps or (3 if gpu else 1), args.lora_rank)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Full-size random-weight builds of 1-2B VLMs: one SFT step and GRPO "
-                                            "steps with the README's flags; memory and seconds per phase.")
+                                            "steps with docs/real_run.md's flags; memory and seconds per phase.")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     p.add_argument("--batch-size", type=int, help="prompts per step B (default: 8 on cuda, 2 on cpu)")

@@ -1,4 +1,4 @@
-"""scripts/full_size.py's dry run: the plan the first GPU would run (the README's settings), with
+"""scripts/full_size.py's dry run: the plan the first GPU would run (docs/real_run.md's settings), with
 the published configs' parameter counts, image tokens of an EmoSet-sized image and estimates,
 built on the meta device (no weights, no GPU)."""
 
@@ -34,7 +34,7 @@ def test_gpu_dry_run_plans_the_readme_settings(full_size, tmp_path):
         params, spec = m["parameters"], full_size.MODELS[m["model"]]
         assert params["vision"] + params["projector"] + params["language"] == params["total"]
         assert params["vision"] > 0.08e9 and params["language"] > 0.15e9
-        # the published configs give the published sizes (and the README's plan's)
+        # the published configs give the published sizes (and docs/real_run.md's plan's)
         assert abs(params["total"] / 1e9 - spec.readme_params_b) < 0.01, (m["model"], params["total"])
         assert 0 < m["image_tokens"] <= spec.max_image_tokens < m["prompt_tokens"] + spec.max_image_tokens
         est = m["estimate_gib"]

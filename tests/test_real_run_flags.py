@@ -1,4 +1,4 @@
-"""The flags of the README's "Running it for real" commands, run on the toy model and on three
+"""The flags of docs/real_run.md's commands, run on the toy model and on three
 families (Qwen2-VL, InternVL, LLaVA-NeXT with its SentencePiece tokenizer): --bf16 (CPU
 autocast), --gradient-checkpointing, --freeze-vision, --ref-dtype bfloat16, --micro-batch,
 --logp-micro-batch and --grad-accum, each through the command line with finite metrics.
@@ -21,7 +21,7 @@ from data import read_emoset_split
 from vision_checks import VisionInputCounter, random_completions, vision_tower
 
 MODELS = ("toy", "qwen2_vl", "internvl", "llava_next")
-GPU_FLAGS = ["--bf16", "--gradient-checkpointing", "--freeze-vision"]   # the README's $GPU, minus --device cuda
+GPU_FLAGS = ["--bf16", "--gradient-checkpointing", "--freeze-vision"]   # docs/real_run.md's $GPU, minus --device cuda
 
 
 @pytest.fixture(params=MODELS)
@@ -130,7 +130,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_through_shared_features
 
 
 def test_frozen_vision_encodes_each_image_once_and_stays_bit_identical(model_dir, toy_data):
-    """A GRPO step with the README's flags: the frozen tower sees the B prompts' images once per
+    """A GRPO step with docs/real_run.md's flags: the frozen tower sees the B prompts' images once per
     pass (sampling, each update; pi_old is the first update's forward), not once per completion, and does not change."""
     cfg = clgrpo.stage_config(3, model=str(model_dir), data=str(toy_data), out="", batch_size=2, num_generations=3,
                               max_new_tokens=5, micro_batch=2, logp_micro_batch=4, lr=1e-3, bf16=True,
