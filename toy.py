@@ -318,7 +318,7 @@ def perceive(img: Image.Image) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Toy teachers (see cot_builder.py for the interface they serve)
+# Toy teachers (see teachers.py for the interface they serve)
 # ---------------------------------------------------------------------------------------------
 BRIGHT_WORDS = {"bright": "bright", "light": "bright", "sunny": "bright",
                 "dark": "dark", "dim": "dark", "gloomy": "dark"}
