@@ -288,7 +288,7 @@ def make_teacher(spec: str, workers: int = 8, **http_options):
     """A teacher from its spec; `http_options` (timeout, retries...) go to openai: teachers."""
     kind, _, rest = spec.partition(":")
     if kind == "toy":
-        from toy import ToyTeacher
+        from toy_teachers import ToyTeacher
         return ToyTeacher(rest)
     if kind == "hf":
         return HFTeacher(rest)

@@ -20,6 +20,7 @@ from PIL import Image
 import cot_builder
 import data
 import toy
+import toy_teachers
 from data import read_emoset_split, read_jsonl
 from teachers import OpenAITeacher, TeacherError, TransportError, is_valid_text, make_teacher, retry_after_seconds
 
@@ -244,7 +245,8 @@ def test_malformed_bodies_and_failures_are_counted_not_raised(server_factory, tm
     http_teacher = teacher_for(server2, workers=2)
     records, _ = read_emoset_split(toy_data, "train", limit=6)
     out = tmp_path / "cot.jsonl"
-    summary = cot_builder.build(records, toy_data, [http_teacher, toy.ToyTeacher("describer", malformed_rate=0)], out)
+    summary = cot_builder.build(records, toy_data,
+                                [http_teacher, toy_teachers.ToyTeacher("describer", malformed_rate=0)], out)
     t = summary["teachers"][http_teacher.name]
     assert t["malformed"] == 6 and t["errors"] == 0 and t["correct"] == 0 and summary["images"] == 6
     assert all(r["teacher"] == "toy:describer" for r in read_jsonl(out))
@@ -264,7 +266,7 @@ def closed_port_url():
 
 def run_with(teacher, toy_data, out, n=6, chunk=32):
     records, _ = read_emoset_split(toy_data, "train", limit=n)
-    teachers = [teacher, toy.ToyTeacher("describer", malformed_rate=0)]
+    teachers = [teacher, toy_teachers.ToyTeacher("describer", malformed_rate=0)]
     return cot_builder.build(records, toy_data, teachers, out, chunk=chunk)
 
 
@@ -453,7 +455,7 @@ def test_hf_teacher_answers_images_and_text_and_its_failures_are_counted(tmp_pat
     items = [(r["id"], data.load_image(toy_data, r)) for r in records]
     assert len(teacher.blind(items)) == 5
     assert all(isinstance(t, str) for t in teacher.from_reasoning([("k", "dark, red")]))
-    teachers = [teacher, toy.ToyTeacher("describer", malformed_rate=0)]
+    teachers = [teacher, toy_teachers.ToyTeacher("describer", malformed_rate=0)]
     summary = cot_builder.build(records, toy_data, teachers, tmp_path / "c.jsonl")
     t = summary["teachers"][teacher.name]
     assert t["correct"] + t["wrong"] + t["failures"] == 5
