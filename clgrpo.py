@@ -301,7 +301,6 @@ class GroupBatch:
     components: dict[str, list[float]]     # reward component -> [N] values
     advantages: torch.Tensor               # [N] group-relative, on the model's device
     zero_std: torch.Tensor                 # [B] the group's G rewards are all equal (its advantages are 0)
-    old_logp: torch.Tensor | None = None   # [N, T] pi_old: kept by the first update (policy_update) for the others
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,12 +311,13 @@ def grpo_step(policy: Policy, records: list[dict], images: list, cfg: GRPOConfig
     """One GRPO step on B prompts. Returns (metrics for the log, the stats of each update).
 
     Each phase returns what the next one reads: the groups sampled, scored and given their
-    advantages (a GroupBatch), then pi_ref's log-probs, then each update's stats. The update runs
-    unless it is provably a no-op (beta == 0 and every group has zero std): with beta > 0 a batch
-    without reward signal still pulls the policy towards the reference, which is part of the
-    objective. The LR schedule steps once per GRPO step either way. cfg.dynamic_sampling (off by
-    default; dynamic_sampling.py) adds rounds of prompts from `draw_prompts()`, which returns
-    (records, images), and trains on the groups with signal."""
+    advantages (a GroupBatch), then pi_ref's log-probs, then each update's stats and pi_old's
+    log-probs (the first update's own, which updates 2..mu read). The update runs unless it is
+    provably a no-op (beta == 0 and every group has zero std): with beta > 0 a batch without
+    reward signal still pulls the policy towards the reference, which is part of the objective.
+    The LR schedule steps once per GRPO step either way. cfg.dynamic_sampling (off by default;
+    dynamic_sampling.py) adds rounds of prompts from `draw_prompts()`, which returns (records,
+    images), and trains on the groups with signal."""
     timer = Timer(policy.device)
     batch = generate_round(policy, records, images, cfg, timer)          # 1-3. pi_old's groups, rewards, advantages
     rounds = [batch]
@@ -330,8 +330,11 @@ def grpo_step(policy: Policy, records: list[dict], images: list, cfg: GRPOConfig
         with timer.phase("logprobs"):
             ref_logp = reference_pass(policy, batch, cfg)                # 4. pi_ref, no grad (None when beta = 0)
         with timer.phase("update"):                                      # 5. (update 1 also gives pi_old)
-            updates = [policy_update(policy, batch, cfg, with_entropy=(k == 0), ref_logp=ref_logp)
-                       for k in range(cfg.mu)]
+            old_logp = None
+            for k in range(cfg.mu):
+                stats, old_logp = policy_update(policy, batch, cfg, with_entropy=(k == 0), ref_logp=ref_logp,
+                                                old_logp=old_logp)
+                updates.append(stats)
     step_scheduler(policy.scheduler)
     return step_metrics(rounds, batch, updates, timer, lr, cfg), updates
 
@@ -358,7 +361,7 @@ def reference_pass(policy: Policy, batch: GroupBatch, cfg: GRPOConfig) -> torch.
 
     pi_old needs no pass of its own: it is the policy that sampled, and the first update's forward
     runs on exactly those weights (no optimizer step comes before all of its chunks have run), so
-    policy_update keeps that forward's detached log-probs as pi_old for updates 2..mu."""
+    policy_update returns that forward's detached log-probs as pi_old for updates 2..mu."""
     if cfg.beta == 0:
         return None
     r = batch.rollout
@@ -378,15 +381,18 @@ def reference_logprobs(policy: Policy, args: tuple) -> torch.Tensor:
 
 
 def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entropy: bool,
-                  ref_logp: torch.Tensor | None = None) -> dict:
+                  ref_logp: torch.Tensor | None = None,
+                  old_logp: torch.Tensor | None = None) -> tuple[dict, torch.Tensor | None]:
     """One optimizer step on the GRPO loss, micro-batched over completions with gradient
-    accumulation. Returns detached stats (weighted like the loss) and the grad norm. The first
-    update of a batch also keeps pi_old's log-probs in batch.old_logp (when mu > 1)."""
+    accumulation. Returns (detached stats weighted like the loss, with the grad norm; pi_old's
+    log-probs [N, T] for the next update). The first update of a batch (old_logp None) computes
+    them: its own forward, detached, taken before the optimizer step (None when mu == 1: no
+    update follows); later updates read them as given and pass them on."""
     r, model = batch.rollout, policy.model
     n, mask = r.completion_ids.shape[0], r.completion_mask
     step = cfg.micro_batch or n
     totals: dict[str, torch.Tensor] = {}
-    first_update = batch.old_logp is None   # its forward is pi_old's: the weights have not moved since sampling
+    first_update = old_logp is None   # its forward is pi_old's: the weights have not moved since sampling
     old_chunks = []
     with policy.autocast:  # the B images go through the vision tower once; every chunk's rows share them
         features = vlm.encode_images(model, r.prompts, chunked_backward=True)
@@ -398,7 +404,7 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
         logp, entropy = out if with_entropy else (out, None)
         # Update 1: the policy has not moved since sampling, so pi_old = pi_theta (detached): rho = 1
         # in value, with the policy gradient as its gradient. Updates 2..mu reuse these log-probs.
-        old = logp.detach() if first_update else batch.old_logp[s:e]
+        old = logp.detach() if first_update else old_logp[s:e]
         old_chunks.append(old)
         ref = ref_logp[s:e] if ref_logp is not None else None
         loss, stats = grpo_loss(logp, old, ref, batch.advantages[s:e], mask[s:e], cfg.eps_low, cfg.eps_high,
@@ -412,14 +418,14 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
             totals[k] = totals.get(k, 0.0) + v * ((e - s) / n)
     features.backward()  # the chunks' summed gradient on the image features, through the vision tower once
     if first_update and cfg.mu > 1:
-        batch.old_logp = torch.cat(old_chunks)   # kept before the optimizer step moves the weights
+        old_logp = torch.cat(old_chunks)   # kept before the optimizer step moves the weights
     params = [p for p in model.parameters() if p.requires_grad]
     totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     if not torch.isfinite(totals["grad_norm"]) or not torch.isfinite(totals["loss"]):
         raise FloatingPointError(f"non-finite loss {totals['loss'].item()} or grad norm {totals['grad_norm'].item()}")
     policy.optimizer.step()
     policy.optimizer.zero_grad(set_to_none=True)
-    return totals
+    return totals, old_logp
 
 
 def chunk_weight(mask: torch.Tensor, start: int, end: int, aggregation: str) -> torch.Tensor | float:

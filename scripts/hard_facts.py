@@ -3,7 +3,7 @@
     python scripts/hard_facts.py DATA_ROOT PREDICTIONS_JSONL [PREDICTIONS_JSONL ...]
 
 For each predictions file that eval.py wrote, reads the facts back from every completion's think
-block with `toy.facts_from_text` and compares them with the image's annotation. One markdown
+block with `toy_teachers.facts_from_text` and compares them with the image's annotation. One markdown
 row per file: the share of completions that state each fact correctly (a fact not stated counts
 as wrong), all three, the answer that the stated facts imply under the counting rule, and the
 answer itself (against the rule's emotion, so label noise does not count here).
@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import toy  # noqa: E402
+import toy_teachers  # noqa: E402
 from data import read_jsonl  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def fact_row(predictions: list[dict], truth: dict[str, dict]) -> dict[str, float
     for p in predictions:
         t = truth[p["id"]]
         think = p["completion"].split("<think>")[-1].split("</think>")[0]
-        background, colour, count = toy.facts_from_text(think)
+        background, colour, count = toy_teachers.facts_from_text(think)
         ok = [background == t["background"], colour == t["color"], count == t["count"]]
         for key, good in zip(("background", "colour", "count"), ok):
             hits[key] += good

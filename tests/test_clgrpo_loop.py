@@ -164,9 +164,9 @@ def test_pi_old_from_the_first_update_equals_a_separate_pass(half_format_model, 
     with torch.no_grad():
         separate = vlm.completion_logprobs(model, r.prompts, r.completion_ids, r.completion_mask, r.group_size,
                                            config.temperature, micro_batch)
-    clgrpo.policy_update(policy, batch, config, with_entropy=True)
-    assert batch.old_logp is not None and batch.old_logp.shape == separate.shape
-    assert torch.equal(batch.old_logp * r.completion_mask, separate * r.completion_mask)
+    _, old_logp = clgrpo.policy_update(policy, batch, config, with_entropy=True)
+    assert old_logp is not None and old_logp.shape == separate.shape and not old_logp.requires_grad
+    assert torch.equal(old_logp * r.completion_mask, separate * r.completion_mask)
     with torch.no_grad():    # ... and it is the policy before the optimizer step, not after
         moved = vlm.completion_logprobs(model, r.prompts, r.completion_ids, r.completion_mask, r.group_size)
     assert not torch.equal(moved * r.completion_mask, separate * r.completion_mask)

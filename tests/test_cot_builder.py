@@ -20,7 +20,9 @@ from PIL import Image
 import cot_builder
 import data
 import toy
+import toy_teachers
 from data import read_emoset_split, read_jsonl
+from teachers import OpenAITeacher, TeacherError, TransportError, is_valid_text, make_teacher, retry_after_seconds
 
 TEACHERS = ["toy:describer", "toy:counter", "toy:terse"]
 
@@ -189,7 +191,7 @@ def server_factory():
 
 def teacher_for(server, **kwargs):
     kwargs = {"backoff": 0.001, "retries": 2, "timeout": 5, **kwargs}
-    return cot_builder.OpenAITeacher(server.url, "teacher-7b", **kwargs)
+    return OpenAITeacher(server.url, "teacher-7b", **kwargs)
 
 
 def test_request_carries_model_and_image_data_url(server_factory, monkeypatch):
@@ -219,7 +221,7 @@ def test_retries_on_500_and_429_then_succeeds(server_factory):
 def test_retries_stop_at_the_limit(server_factory):
     server = server_factory([(503, "{}")] * 10)
     teacher = teacher_for(server, retries=2)
-    with pytest.raises(cot_builder.TeacherError, match="gave up after 3 attempts: HTTP 503"):
+    with pytest.raises(TeacherError, match="gave up after 3 attempts: HTTP 503"):
         teacher.chat("hi")
     assert len(server.requests) == 3
 
@@ -227,7 +229,7 @@ def test_retries_stop_at_the_limit(server_factory):
 def test_400_is_reported_clearly_without_retry(server_factory):
     server = server_factory([(400, '{"error": "image too large"}')])
     teacher = teacher_for(server)
-    with pytest.raises(cot_builder.TeacherError, match=r"HTTP 400 .*not retried.*image too large"):
+    with pytest.raises(TeacherError, match=r"HTTP 400 .*not retried.*image too large"):
         teacher.chat("hi")
     assert len(server.requests) == 1
 
@@ -243,7 +245,8 @@ def test_malformed_bodies_and_failures_are_counted_not_raised(server_factory, tm
     http_teacher = teacher_for(server2, workers=2)
     records, _ = read_emoset_split(toy_data, "train", limit=6)
     out = tmp_path / "cot.jsonl"
-    summary = cot_builder.build(records, toy_data, [http_teacher, toy.ToyTeacher("describer", malformed_rate=0)], out)
+    summary = cot_builder.build(records, toy_data,
+                                [http_teacher, toy_teachers.ToyTeacher("describer", malformed_rate=0)], out)
     t = summary["teachers"][http_teacher.name]
     assert t["malformed"] == 6 and t["errors"] == 0 and t["correct"] == 0 and summary["images"] == 6
     assert all(r["teacher"] == "toy:describer" for r in read_jsonl(out))
@@ -263,13 +266,13 @@ def closed_port_url():
 
 def run_with(teacher, toy_data, out, n=6, chunk=32):
     records, _ = read_emoset_split(toy_data, "train", limit=n)
-    teachers = [teacher, toy.ToyTeacher("describer", malformed_rate=0)]
+    teachers = [teacher, toy_teachers.ToyTeacher("describer", malformed_rate=0)]
     return cot_builder.build(records, toy_data, teachers, out, chunk=chunk)
 
 
 def test_outage_leaves_images_to_do_lists_them_and_the_rerun_finishes(server_factory, tmp_path, toy_data):
     out = tmp_path / "cot.jsonl"
-    down = cot_builder.OpenAITeacher(closed_port_url(), "teacher-7b", retries=1, backoff=0.001, timeout=2)
+    down = OpenAITeacher(closed_port_url(), "teacher-7b", retries=1, backoff=0.001, timeout=2)
     summary = run_with(down, toy_data, out)
     assert summary["images"] == 0 and summary["not_done"]["transport"] == 6
     assert cot_builder.exit_code(summary) == cot_builder.EXIT_INCOMPLETE
@@ -291,7 +294,7 @@ def test_outage_leaves_images_to_do_lists_them_and_the_rerun_finishes(server_fac
 
 
 def test_a_dead_teacher_stops_the_run_after_three_chunks(tmp_path, toy_data):
-    down = cot_builder.OpenAITeacher(closed_port_url(), "teacher-7b", retries=0, timeout=2)
+    down = OpenAITeacher(closed_port_url(), "teacher-7b", retries=0, timeout=2)
     summary = run_with(down, toy_data, tmp_path / "cot.jsonl", n=10, chunk=2)
     assert summary["not_done"] == {**summary["not_done"], "transport": 6, "not_started": 4}
     assert cot_builder.exit_code(summary) == cot_builder.EXIT_INCOMPLETE
@@ -325,7 +328,7 @@ def test_one_deadline_covers_a_slow_drip(server_factory):
     server = server_factory([drip])
     teacher = teacher_for(server, timeout=0.8, retries=0)
     t0 = time.monotonic()
-    with pytest.raises(cot_builder.TransportError, match="TimeoutError.*0.8 s deadline"):
+    with pytest.raises(TransportError, match="TimeoutError.*0.8 s deadline"):
         teacher.chat("hi")
     assert time.monotonic() - t0 < 3
 
@@ -337,8 +340,8 @@ def test_retry_after_is_honoured_up_to_the_cap(server_factory):
     t = [r["time"] for r in server.requests]
     assert 0.29 <= t[1] - t[0] < 1.5      # min(0.5, cap 0.3)
     assert 0.29 <= t[2] - t[1] < 1.5      # min(3600, cap 0.3)
-    assert cot_builder.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0   # a date in the past
-    assert cot_builder.retry_after_seconds("soon") is None and cot_builder.retry_after_seconds("2") == 2.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0   # a date in the past
+    assert retry_after_seconds("soon") is None and retry_after_seconds("2") == 2.0
 
 
 def chunked_flood(handler):
@@ -366,7 +369,7 @@ def test_replies_over_the_size_cap_are_malformed(server_factory):
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/x", "file:///etc/passwd", "127.0.0.1:8000", "http://"])
 def test_only_http_and_https_urls(url, tmp_path):
     with pytest.raises(ValueError, match="only http:// and https://"):
-        cot_builder.make_teacher(f"openai:{url}#m")
+        make_teacher(f"openai:{url}#m")
     with pytest.raises(SystemExit) as e:
         cot_builder.main(["--data", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--teacher", f"openai:{url}#m"])
     assert e.value.code == 2
@@ -414,7 +417,7 @@ def test_a_lone_surrogate_in_a_run_is_judged_malformed_and_reruns_do_not_crash(s
         summary = run_with(teacher_for(server), toy_data, out)
         assert summary["images"] == 6 and summary["teachers"]["openai:teacher-7b"]["malformed"] == 6
     for r in read_jsonl(out):
-        assert cot_builder.is_valid_text(r["think"])
+        assert is_valid_text(r["think"])
 
 
 def test_unreadable_images_are_skipped_listed_and_the_rest_is_done(tmp_path, toy_data, capsys):
@@ -446,13 +449,13 @@ def test_exit_code_is_nonzero_while_transport_failures_remain(tmp_path, toy_data
 
 
 def test_hf_teacher_answers_images_and_text_and_its_failures_are_counted(tmp_path, toy_data, tiny_model_dir):
-    teacher = cot_builder.make_teacher(f"hf:{tiny_model_dir}")
+    teacher = make_teacher(f"hf:{tiny_model_dir}")
     teacher.max_new_tokens = 12
     records, _ = read_emoset_split(toy_data, "train", limit=5)
     items = [(r["id"], data.load_image(toy_data, r)) for r in records]
     assert len(teacher.blind(items)) == 5
     assert all(isinstance(t, str) for t in teacher.from_reasoning([("k", "dark, red")]))
-    teachers = [teacher, toy.ToyTeacher("describer", malformed_rate=0)]
+    teachers = [teacher, toy_teachers.ToyTeacher("describer", malformed_rate=0)]
     summary = cot_builder.build(records, toy_data, teachers, tmp_path / "c.jsonl")
     t = summary["teachers"][teacher.name]
     assert t["correct"] + t["wrong"] + t["failures"] == 5

@@ -11,6 +11,7 @@ import eval as evaluation
 import families
 import sft
 import toy
+import toy_teachers
 import vlm
 from data import EMOTIONS, load_image, read_annotation, read_emoset_split
 
@@ -361,7 +362,7 @@ def test_stage_table_reads_facts_of_counting_rule_runs(tmp_path):
         preds = []
         for k, (r, t) in enumerate(zip(records, truth)):
             count = t["count"] if k < right else t["count"] % 4 + 1
-            think = toy.reasoning_for("terse", t["background"], t["color"], None, t["rule_emotion"], count)
+            think = toy_teachers.reasoning_for("terse", t["background"], t["color"], None, t["rule_emotion"], count)
             emotion = toy.counting_rule(t["background"], t["color"], count)
             preds.append({"id": r["id"], "label": r["label"], "completion": f"<think>{think}</think>",
                           "pred": emotion})

@@ -6,6 +6,7 @@ import re
 import pytest
 
 import toy
+import toy_teachers
 from data import load_image, read_annotation, read_emoset_split
 from rewards import parse_answer
 
@@ -33,7 +34,7 @@ def test_toy_data_is_emoset_layout_and_pixels_decide_the_rule_label(toy_data):
     for r in records:
         ann = read_annotation(toy_data, r)
         assert ann["emotion"] == r["label"]
-        seen = toy.perceive(load_image(toy_data, r))
+        seen = toy_teachers.perceive(load_image(toy_data, r))
         assert toy.TOY_TABLE[(seen["background"], seen["color"])] == ann["toy"]["rule_emotion"]
         if not ann["toy"]["label_noise"]:
             assert r["label"] == ann["toy"]["rule_emotion"]
@@ -46,9 +47,9 @@ def test_unknown_difficulty_is_an_error(tmp_path):
 
 def test_teacher_reasoning_round_trips_to_attributes():
     for (background, color), emotion in toy.TOY_TABLE.items():
-        for style in toy.STYLES:
-            think = toy.reasoning_for(style, background, color, "circle", emotion)
-            assert toy.attributes_from_text(think) == (background, color)
+        for style in toy_teachers.STYLES:
+            think = toy_teachers.reasoning_for(style, background, color, "circle", emotion)
+            assert toy_teachers.attributes_from_text(think) == (background, color)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_hard_images_show_the_facts_that_decide_the_label(hard_data):
     counts = set()
     for r in records:
         ann = read_annotation(hard_data, r)["toy"]
-        seen = toy.perceive(load_image(hard_data, r))
+        seen = toy_teachers.perceive(load_image(hard_data, r))
         facts = (seen["background"], seen["largest_color"], seen["count"])
         assert facts == (ann["background"], ann["color"], ann["count"])
         assert toy.counting_rule(seen["background"], seen["largest_color"], seen["count"]) == ann["rule_emotion"]
@@ -111,11 +112,11 @@ def test_hard_same_seed_same_files(tmp_path):
 
 
 def test_counting_reasoning_states_the_facts_and_round_trips():
-    for style in toy.COUNT_STYLES:
+    for style in toy_teachers.COUNT_STYLES:
         for count in range(1, 5):
             emotion = toy.counting_rule("dark", "green", count)
-            think = toy.reasoning_for(style, "dark", "green", "square", emotion, count)
-            assert toy.facts_from_text(think) == ("dark", "green", count)
+            think = toy_teachers.reasoning_for(style, "dark", "green", "square", emotion, count)
+            assert toy_teachers.facts_from_text(think) == ("dark", "green", count)
             assert toy.landing_color("green", count) in think.split("green", 1)[1]  # the step is stated too
             assert any(think.endswith(f"{lead} {emotion}.") for lead in ("So", "means", "suggests"))
 
@@ -124,37 +125,38 @@ def test_hard_teachers_read_the_pixels_with_their_own_error_rates(hard_data):
     records, _ = read_emoset_split(hard_data, "train")
     items = [(r["id"], load_image(hard_data, r)) for r in records]
     rule = [read_annotation(hard_data, r)["toy"]["rule_emotion"] for r in records]
-    perfect = toy.ToyTeacher("describer:hard", error_rate=0.0, malformed_rate=0.0)
+    perfect = toy_teachers.ToyTeacher("describer:hard", error_rate=0.0, malformed_rate=0.0)
     replies = perfect.blind(items)
     assert [parse_answer(t) for t in replies] == rule
     # its own reasoning, read as text by another perfect teacher, leads to the same emotion
     thinks = [(i, t.split("<think>")[1].split("</think>")[0]) for (i, _), t in zip(items, replies)]
-    checked = toy.ToyTeacher("counter:hard", error_rate=0.0).from_reasoning(thinks)
+    checked = toy_teachers.ToyTeacher("counter:hard", error_rate=0.0).from_reasoning(thinks)
     assert [parse_answer(t) for t in checked] == rule
-    noisy = toy.ToyTeacher("terse:hard", error_rate=0.5, malformed_rate=0.0).blind(items)
+    noisy = toy_teachers.ToyTeacher("terse:hard", error_rate=0.5, malformed_rate=0.0).blind(items)
     wrong = sum(parse_answer(t) != y for t, y in zip(noisy, rule))
     assert 8 <= wrong <= 32  # ~half misperceive one fact; a changed fact always changes the emotion
     # the demo-rule teacher names other emotions on these images: the rule is part of the teacher
-    demo_rule_teacher = toy.ToyTeacher("describer", error_rate=0.0, malformed_rate=0.0)
+    demo_rule_teacher = toy_teachers.ToyTeacher("describer", error_rate=0.0, malformed_rate=0.0)
     assert [parse_answer(t) for t in demo_rule_teacher.blind(items)] != rule
 
 
 def test_hard_hinted_reasoning_leads_to_the_given_label(hard_data):
     records, _ = read_emoset_split(hard_data, "train")
-    teacher = toy.ToyTeacher("describer:hard")
+    teacher = toy_teachers.ToyTeacher("describer:hard")
     for r, reply in zip(records, teacher.hinted([(r["id"], load_image(hard_data, r), "fear") for r in records])):
         think = reply.split("<think>")[1].split("</think>")[0]
-        assert toy.counting_rule(*toy.facts_from_text(think)) == "fear" == parse_answer(reply)
+        assert toy.counting_rule(*toy_teachers.facts_from_text(think)) == "fear" == parse_answer(reply)
 
 
 def test_unknown_teacher_variant_is_an_error():
     with pytest.raises(ValueError, match="expected NAME, NAME:hard, NAME:stepwise or NAME:wheel"):
-        toy.ToyTeacher("describer:medium")
+        toy_teachers.ToyTeacher("describer:medium")
 
 
 def test_tokenizer_is_trained_on_the_counting_phrasing():
     tok = toy.build_tiny_tokenizer()
-    think = toy.reasoning_for("describer", "bright", "blue", "circle", toy.counting_rule("bright", "blue", 3), 3)
+    think = toy_teachers.reasoning_for("describer", "bright", "blue", "circle", toy.counting_rule("bright", "blue", 3),
+                                       3)
     # in the corpus, so BPE merged its words: far fewer tokens than bytes (an unseen phrasing
     # of the same length, e.g. random letters, stays near one token per byte)
     assert len(tok(think)["input_ids"]) < len(think.encode()) / 3
@@ -168,8 +170,8 @@ def test_hard_facts_reads_each_fact_back_and_counts_unstated_ones_wrong():
 
     truth = {"a": {"background": "dark", "color": "red", "count": 3, "rule_emotion": "sadness"},
              "b": {"background": "bright", "color": "blue", "count": 1, "rule_emotion": "excitement"}}
-    right = toy.reasoning_for("terse", "dark", "red", "circle", "sadness", 3)
-    wrong_count = toy.reasoning_for("describer", "bright", "blue", "square", "amusement", 2)
+    right = toy_teachers.reasoning_for("terse", "dark", "red", "circle", "sadness", 3)
+    wrong_count = toy_teachers.reasoning_for("describer", "bright", "blue", "square", "amusement", 2)
     preds = [{"id": "a", "completion": f"<think>{right}</think><answer>sadness</answer>", "pred": "sadness"},
              {"id": "b", "completion": f"<think>{wrong_count}</think><answer>amusement</answer>", "pred": "amusement"}]
     row = hard_facts.fact_row(preds, truth)
@@ -192,7 +194,7 @@ def test_stepwise_images_show_the_facts_as_glance_features(tmp_path):
     for r in records:
         ann = read_annotation(tmp_path, r)["toy"]
         img = load_image(tmp_path, r)
-        seen = toy.perceive(img)
+        seen = toy_teachers.perceive(img)
         assert (seen["background"], seen["largest_color"], seen["count"]) == (ann["background"], ann["color"],
                                                                             ann["count"])
         assert seen["color"] == ann["color"]   # the largest shape's colour covers the most pixels
@@ -220,33 +222,34 @@ def test_model_sizes_set_the_image_tokens(tmp_path):
 
 def test_stepwise_reasoning_goes_round_the_quadrants_and_names_no_landing_colour(tmp_path):
     quadrants = ["green", None, "red", None]
-    for style in toy.STEPWISE_STYLES:
+    for style in toy_teachers.STEPWISE_STYLES:
         emotion = toy.counting_rule("dark", "green", 2)
-        think = toy.reasoning_for(style, "dark", "green", "square", emotion, 2, toy.STEPWISE_STYLES, quadrants)
-        assert toy.facts_from_text(think) == ("dark", "green", 2)
-        assert toy.quadrants_from_text(think) == quadrants
+        think = toy_teachers.reasoning_for(style, "dark", "green", "square", emotion, 2, toy_teachers.STEPWISE_STYLES,
+                                           quadrants)
+        assert toy_teachers.facts_from_text(think) == ("dark", "green", 2)
+        assert toy_teachers.quadrants_from_text(think) == quadrants
         # every colour it names is in the image (the landing colour, blue here, is not named)
-        assert {w for w in toy._words(think) if w in toy.COLORS} == {"green", "red"}
+        assert {w for w in toy_teachers._words(think) if w in toy.COLORS} == {"green", "red"}
         assert think.endswith(f" {emotion}.")
     toy.write_toy_dataset(tmp_path, "stepwise", seed=0, sizes={"train": 24, "val": 2, "test": 2})
     records, _ = read_emoset_split(tmp_path, "train")
     items = [(r["id"], load_image(tmp_path, r)) for r in records]
     truth = [read_annotation(tmp_path, r)["toy"] for r in records]
-    perfect = toy.ToyTeacher("terse:stepwise", error_rate=0.0, malformed_rate=0.0)
+    perfect = toy_teachers.ToyTeacher("terse:stepwise", error_rate=0.0, malformed_rate=0.0)
     assert perfect.rule == "count"
     replies = perfect.blind(items)
     assert [parse_answer(t) for t in replies] == [t["rule_emotion"] for t in truth]
     for reply, t in zip(replies, truth):   # the listing is what the pixels show
-        listed = toy.quadrants_from_text(reply)
+        listed = toy_teachers.quadrants_from_text(reply)
         assert sum(q is not None for q in listed) == t["count"] and t["color"] in listed
     thinks = [(i, t.split("<think>")[1].split("</think>")[0]) for (i, _), t in zip(items, replies)]
     assert [parse_answer(t) for t in perfect.from_reasoning(thinks)] == [t["rule_emotion"] for t in truth]
     # a teacher that always errs misreads one fact, and its listing agrees with what it then says
-    sloppy = toy.ToyTeacher("describer:stepwise", error_rate=1.0, malformed_rate=0.0)
+    sloppy = toy_teachers.ToyTeacher("describer:stepwise", error_rate=1.0, malformed_rate=0.0)
     for reply in sloppy.blind(items):
         think = reply.split("<think>")[1].split("</think>")[0]
-        background, color, count = toy.facts_from_text(think)
-        listed = toy.quadrants_from_text(think)
+        background, color, count = toy_teachers.facts_from_text(think)
+        listed = toy_teachers.quadrants_from_text(think)
         assert sum(q is not None for q in listed) == count and color in listed
         assert parse_answer(reply) == toy.counting_rule(background, color, count)
     hinted = perfect.hinted([(i, img, t["rule_emotion"]) for (i, img), t in zip(items, truth)])
@@ -257,21 +260,22 @@ def test_wheel_reasoning_writes_the_wheel_step_in_numbers(tmp_path):
     quadrants = [None, "blue", "red", "yellow"]
     emotion = toy.counting_rule("bright", "blue", 3)      # blue is 4 on the wheel; 4 + 3 comes round to 3: green
     assert emotion == toy.TOY_TABLE[("bright", "green")]
-    for style in toy.WHEEL_STYLES:
-        think = toy.reasoning_for(style, "bright", "blue", "circle", emotion, 3, toy.WHEEL_STYLES, quadrants)
-        assert toy.facts_from_text(think) == ("bright", "blue", 3)
-        assert toy.quadrants_from_text(think) == quadrants
+    for style in toy_teachers.WHEEL_STYLES:
+        think = toy_teachers.reasoning_for(style, "bright", "blue", "circle", emotion, 3, toy_teachers.WHEEL_STYLES,
+                                           quadrants)
+        assert toy_teachers.facts_from_text(think) == ("bright", "blue", 3)
+        assert toy_teachers.quadrants_from_text(think) == quadrants
         assert re.search(r"\b4 plus 3 (comes round to|is) 3\b", think)
-        assert {w for w in toy._words(think) if w in toy.COLORS} == {"blue", "red", "yellow"}  # no "green"
+        assert {w for w in toy_teachers._words(think) if w in toy.COLORS} == {"blue", "red", "yellow"}  # no "green"
         assert think.endswith(f" {emotion}.")
     toy.write_toy_dataset(tmp_path, "stepwise", seed=0, sizes={"train": 24, "val": 2, "test": 2})
     records, _ = read_emoset_split(tmp_path, "train")
     items = [(r["id"], load_image(tmp_path, r)) for r in records]
     truth = [read_annotation(tmp_path, r)["toy"] for r in records]
-    replies = toy.ToyTeacher("counter:wheel", error_rate=0.0, malformed_rate=0.0).blind(items)
+    replies = toy_teachers.ToyTeacher("counter:wheel", error_rate=0.0, malformed_rate=0.0).blind(items)
     assert [parse_answer(t) for t in replies] == [t["rule_emotion"] for t in truth]
-    for reply in toy.ToyTeacher("terse:wheel", error_rate=1.0, malformed_rate=0.0).blind(items):
-        background, color, count = toy.facts_from_text(reply)   # errs, but stays self-consistent
+    for reply in toy_teachers.ToyTeacher("terse:wheel", error_rate=1.0, malformed_rate=0.0).blind(items):
+        background, color, count = toy_teachers.facts_from_text(reply)   # errs, but stays self-consistent
         place = toy.COLOR_WHEEL.index(color) + 1
         assert f"{place} plus {count} is {(place - 1 + count) % 4 + 1}" in reply
         assert parse_answer(reply) == toy.counting_rule(background, color, count)
