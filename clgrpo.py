@@ -340,7 +340,7 @@ def grpo_step(policy: Policy, records: list[dict], images: list, cfg: GRPOConfig
 
 
 def generate_round(policy: Policy, records, images, cfg: GRPOConfig, timer: Timer) -> GroupBatch:
-    """Sample G completions per prompt in ONE batched generate call (this is pi_old), score them,
+    """Sample G completions per prompt in ONE batched call (this is pi_old), score them,
     and compute their group-relative advantages (here only: a group's advantages depend on its
     own rewards alone, so dynamic sampling's batch keeps them as they are)."""
     with timer.phase("sample"):
@@ -404,8 +404,11 @@ def policy_update(policy: Policy, batch: GroupBatch, cfg: GRPOConfig, with_entro
         logp, entropy = out if with_entropy else (out, None)
         # Update 1: the policy has not moved since sampling, so pi_old = pi_theta (detached): rho = 1
         # in value, with the policy gradient as its gradient. Updates 2..mu reuse these log-probs.
-        old = logp.detach() if first_update else old_logp[s:e]
-        old_chunks.append(old)
+        if first_update:
+            old = logp.detach()
+            old_chunks.append(old)
+        else:
+            old = old_logp[s:e]
         ref = ref_logp[s:e] if ref_logp is not None else None
         loss, stats = grpo_loss(logp, old, ref, batch.advantages[s:e], mask[s:e], cfg.eps_low, cfg.eps_high,
                                 cfg.beta, cfg.aggregation, cfg.max_new_tokens)

@@ -40,7 +40,7 @@ class Rollout:
 def sample_completions(model, processor, images: list, group_size: int = 1, max_new_tokens: int = 64,
                        temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
                        prompt: str | list[str] | None = None) -> Rollout:
-    """Sample `group_size` completions for each image in ONE batched generate call.
+    """Sample `group_size` completions for each image in ONE batched call.
 
     The B prompts are preprocessed once and their images encoded once; the B prompts are
     prefilled once and the G rows of each continue from its shared KV cache (prompt_states). A
@@ -54,26 +54,22 @@ def sample_completions(model, processor, images: list, group_size: int = 1, max_
         raise ValueError("greedy decoding gives one completion per prompt: use group_size=1")
     device = next(model.parameters()).device
     prompts = encode_prompts(processor, images, prompt, device)
-    eos = eos_token_ids(model, processor)
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                      num_return_sequences=group_size, suppress_tokens=blocked_token_ids(model, processor, eos),
-                      eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id)
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    eos, pad = eos_token_ids(model, processor), processor.tokenizer.pad_token_id
+    blocked = blocked_token_ids(model, processor, eos)
     was_training = model.training
     model.eval()
     if shares_prompt(model):   # prefill the B prompts once, continue G rows from their shared cache
         completion_ids = _sample_from_shared_prompt(model, prompts, group_size, max_new_tokens, do_sample,
-                                                    temperature, top_p, gen_kwargs["suppress_tokens"], eos,
-                                                    processor.tokenizer.pad_token_id)
+                                                    temperature, top_p, blocked, eos, pad)
     else:
-        sequences = model.generate(**prompts, **gen_kwargs)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=0) if do_sample else \
+            dict(temperature=None, top_p=None, top_k=None)
+        sequences = model.generate(**prompts, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+                                   num_return_sequences=group_size, suppress_tokens=blocked, eos_token_id=eos,
+                                   pad_token_id=pad, **sampling)
         completion_ids = sequences[:, prompts["input_ids"].shape[1]:]
     model.train(was_training)
     mask, truncated = completion_mask_from_ids(completion_ids, eos)
-    pad = processor.tokenizer.pad_token_id
     texts = processor.tokenizer.batch_decode(completion_ids * mask + pad * (1 - mask), skip_special_tokens=True)
     return Rollout(prompts, group_size, completion_ids, mask, truncated, texts)
 
@@ -321,9 +317,13 @@ class PromptStates:
     positions: torch.Tensor        # [B, M] or [3, B, M] (mrope): positions of completion tokens 0..M-1
 
     def for_rows(self, index: torch.Tensor):
-        """A fresh DynamicCache for the rows whose prompts are `index` (a prompt repeats G times)."""
+        """What the rows continuing prompts `index` [N] see (a prompt repeats G times): a fresh
+        DynamicCache of their prompts' keys and values, the prompts' mask [N, P] and the positions
+        of their completion tokens [N, M] (or [3, N, M])."""
         from transformers import DynamicCache
-        return DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v in self.cache])
+        cache = DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v in self.cache])
+        positions = self.positions[:, index] if self.positions.dim() == 3 else self.positions[index]
+        return cache, self.attention_mask[index], positions
 
 
 def shares_prompt(model) -> bool:
@@ -375,17 +375,10 @@ def _completion_positions(model, prompts: dict, length: int) -> torch.Tensor:
     return positions[..., -length:]
 
 
-def _continue_rows(model, states: PromptStates, index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                   start: int = 0, cache=None):
-    """Forward completion tokens `ids` [N, t] (completion positions start .. start+t-1) of rows
-    continuing prompts `index` [N], attending to the prompts' shared states (and to `cache`, the
-    rows' own cache so far, when given). `mask` [N, start+t] is the completion's mask so far.
-    Returns (logits [N, t, V], the cache)."""
-    cache = states.for_rows(index) if cache is None else cache
-    t = ids.shape[1]
-    positions = states.positions[..., start:start + t]
-    positions = positions[:, index] if positions.dim() == 3 else positions[index]
-    attention_mask = torch.cat([states.attention_mask[index], mask.to(states.attention_mask.dtype)], dim=1)
+def _continue_rows(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+    """Forward completion tokens `ids` [N, t] of rows whose `cache` holds their prompt (and their
+    completion so far); `attention_mask` covers the cache and the t tokens, `positions` the t
+    tokens. Returns (logits [N, t, V], the cache, now holding the t tokens too)."""
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                 use_cache=True)
     return out.logits, out.past_key_values
@@ -401,7 +394,11 @@ def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_to
     device = prompts["input_ids"].device
     states = prompt_states(model, prompts, encode_images(model, prompts), list(range(b)), max_new_tokens)
     index = torch.arange(b, device=device).repeat_interleave(group_size)
-    logits, cache = states.last_logits[index], None
+    logits = states.last_logits[index]
+    cache, prompt_mask, positions = states.for_rows(index)
+    # every generated token is attended (as in generate()), so step j's mask is a prefix of this one
+    full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(index), max_new_tokens)], dim=1)
+    p = prompt_mask.shape[1]
     eos_ids = torch.tensor(eos, device=device)
     done = torch.zeros(len(index), dtype=torch.bool, device=device)
     tokens = []
@@ -411,8 +408,7 @@ def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_to
         done |= torch.isin(nxt, eos_ids)
         if bool(done.all()) or j == max_new_tokens - 1:
             break
-        mask = torch.ones(len(index), j + 1, dtype=torch.long, device=device)
-        out, cache = _continue_rows(model, states, index, nxt[:, None], mask, start=j, cache=cache)
+        out, cache = _continue_rows(model, cache, nxt[:, None], full_mask[:, :p + j + 1], positions[..., j:j + 1])
         logits = out[:, -1, :]
     return torch.stack(tokens, dim=1)
 
@@ -447,7 +443,9 @@ def _shared_prompt_logits(model, prompts: dict, completion_ids: torch.Tensor, co
     first = states.last_logits[index].unsqueeze(1)
     if t == 1:
         return first
-    rest, _ = _continue_rows(model, states, index, completion_ids[:, :-1], completion_mask[:, :-1])
+    cache, prompt_mask, positions = states.for_rows(index)
+    mask = torch.cat([prompt_mask, completion_mask[:, :-1].to(prompt_mask.dtype)], dim=1)
+    rest, _ = _continue_rows(model, cache, completion_ids[:, :-1], mask, positions[..., :t - 1])
     return torch.cat([first, rest], dim=1)
 
 
