@@ -395,13 +395,14 @@ def grpo_steps(name: str, folder: Path, data: Path, s: Settings, memory: Memory)
 
     import clgrpo
     import families
+    import grpo_run
     from data import load_images, read_emoset_split
     ref_dtype = [] if s.lora_rank else ["--ref-dtype", "bfloat16"]   # with LoRA there is no reference model
-    cfg = clgrpo.parse_args(["--stage", "3", "--model", str(folder), "--data", str(data), "--out",
-                             str(data.parent / "rl"), *ref_dtype, "--lr", "1e-6", "--batch-size",
-                             str(s.batch_size), "--num-generations", str(s.num_generations), "--max-new-tokens",
-                             str(s.max_new_tokens), "--micro-batch", str(MODELS[name].micro_batch),
-                             "--logp-micro-batch", "16", *readme_flags(name, s)])
+    cfg = grpo_run.parse_args(["--stage", "3", "--model", str(folder), "--data", str(data), "--out",
+                               str(data.parent / "rl"), *ref_dtype, "--lr", "1e-6", "--batch-size",
+                               str(s.batch_size), "--num-generations", str(s.num_generations), "--max-new-tokens",
+                               str(s.max_new_tokens), "--micro-batch", str(MODELS[name].micro_batch),
+                               "--logp-micro-batch", "16", *readme_flags(name, s)])
     base = memory.now()
     model, processor = families.load_for_training(cfg, None)
     loaded = memory.now()

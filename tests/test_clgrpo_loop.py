@@ -11,6 +11,7 @@ import torch
 
 import clgrpo
 import families
+import grpo_run
 import vlm
 from data import load_image, read_emoset_split
 
@@ -76,26 +77,26 @@ def test_lr0_leaves_policy_unchanged_and_kl_zero(tmp_path, half_format_model, to
 
 def test_stage_presets_resolve_and_overrides_win():
     base = ["--model", "m", "--data", "d", "--out", "o"]
-    c2, c3, c4 = (clgrpo.parse_args(["--stage", s, *base]) for s in "234")
+    c2, c3, c4 = (grpo_run.parse_args(["--stage", s, *base]) for s in "234")
     assert c2.rewards == {"format": 1.0} and (c2.eps_low, c2.eps_high) == (0.2, 0.2)
     assert c3.rewards == {"format": 1.0, "accuracy": 1.0} and (c3.eps_low, c3.eps_high) == (0.2, 0.2)
     assert c4.rewards == c3.rewards and (c4.eps_low, c4.eps_high) == (0.2, 0.1)
     assert dataclasses.replace(c4, stage=3, eps_high=0.2) == c3  # stage 4 is stage 3 with eps_high 0.1
     assert c2.steps < c3.steps  # stage 2 is the short one
     assert c4.beta == 0.04 and c4.aggregation == "sequence" and c4.scale_rewards == "group"
-    over = clgrpo.parse_args(["--stage", "4", *base, "--eps-high", "0.28", "--beta", "0",
+    over = grpo_run.parse_args(["--stage", "4", *base, "--eps-high", "0.28", "--beta", "0",
                               "--accuracy-weight", "2", "--format-weight", "0", "--steps", "7"])
     assert (over.eps_high, over.beta, over.steps) == (0.28, 0.0, 7)
     assert over.rewards == {"accuracy": 2.0}
     with pytest.raises(SystemExit):
-        clgrpo.parse_args(["--stage", "2", *base, "--format-weight", "0"])
+        grpo_run.parse_args(["--stage", "2", *base, "--format-weight", "0"])
     with pytest.raises(ValueError, match="every reward weight is 0"):
         clgrpo.stage_config(2, format_weight=0.0)
 
 
 def test_flags_help_and_defaults_come_from_the_config(capsys):
     with pytest.raises(SystemExit):
-        clgrpo.parse_args(["--help"])
+        grpo_run.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(clgrpo.GRPOConfig):
         assert "--" + f.name.replace("_", "-") in help_text  # every field is a flag

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import checkpoints
 import clgrpo
 import families
+import grpo_run
 import lora
 import sft
 import vlm
@@ -210,7 +211,7 @@ def test_contradictory_lora_flags_are_refused_before_loading(tmp_path, monkeypat
 
 def test_ref_dtype_with_lora_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        clgrpo.parse_args(["--stage", "3", "--model", "m", "--data", "d", "--out", str(tmp_path / "r"),
+        grpo_run.parse_args(["--stage", "3", "--model", "m", "--data", "d", "--out", str(tmp_path / "r"),
                            "--lora-rank", "4", "--ref-dtype", "bfloat16"])
     assert "--ref-dtype has no effect with --lora-rank" in capsys.readouterr().err
 
