@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import families
+import kv_cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +309,7 @@ def row_inputs(prompts: dict, prompt_of_row: list[int]) -> dict:
 # prompt can therefore attend to ONE copy of them: the prompt runs on B rows, its cache is
 # expanded to the G rows (an index, so the gradient of a shared state is the sum over its rows),
 # and each completion row runs only its own tokens. This is what generation does with a KV cache.
+# It holds under activation checkpointing too: kv_cache.py says why the caches survive a replay.
 @dataclass
 class PromptStates:
     """What the completion rows of B prompts need from the prompts' forward pass."""
@@ -316,23 +318,21 @@ class PromptStates:
     attention_mask: torch.Tensor   # [B, P] the prompts' mask (left padding)
     positions: torch.Tensor        # [B, M] or [3, B, M] (mrope): positions of completion tokens 0..M-1
 
-    def for_rows(self, index: torch.Tensor):
-        """What the rows continuing prompts `index` [N] see (a prompt repeats G times): a fresh
-        DynamicCache of their prompts' keys and values, the prompts' mask [N, P] and the positions
-        of their completion tokens [N, M] (or [3, N, M])."""
-        from transformers import DynamicCache
-        cache = DynamicCache(ddp_cache_data=[(k[index], v[index]) for k, v in self.cache])
+    def for_rows(self, index: torch.Tensor, grows: bool = True):
+        """What the rows continuing prompts `index` [N] see (a prompt repeats G times): a cache of
+        their prompts' keys and values, the prompts' mask [N, P] and the positions of their
+        completion tokens [N, M] (or [3, N, M]). `grows`: decoding appends each new token to the
+        cache; a log-prob pass runs all of its tokens in one forward and only reads it."""
+        cache = kv_cache.rows_cache([(k[index], v[index]) for k, v in self.cache], grows)
         positions = self.positions[:, index] if self.positions.dim() == 3 else self.positions[index]
         return cache, self.attention_mask[index], positions
 
 
 def shares_prompt(model) -> bool:
     """Is the prompt computed once per group (prompt_states) for this model? Not for a family
-    where it is not proven exact (Family.shared_prompt), nor under activation checkpointing:
-    transformers' checkpointed layers drop the KV cache, so the per-row path is used there."""
+    where it is not proven exact (Family.shared_prompt)."""
     family = families.FAMILIES.get(model.config.model_type)
-    checkpointed = model.training and getattr(model, "is_activation_checkpointing", False)
-    return bool(family is None or family.shared_prompt) and not checkpointed
+    return bool(family is None or family.shared_prompt)
 
 
 def prompt_states(model, prompts: dict, features: ImageFeatures, prompt_ids: list[int],
@@ -340,15 +340,16 @@ def prompt_states(model, prompts: dict, features: ImageFeatures, prompt_ids: lis
     """Run the prompts `prompt_ids` (indices into `prompts`) once, with gradients if enabled,
     and keep their per-layer keys and values, the logits after their last token and the
     positions of the `completion_len` completion tokens that will follow them."""
-    from transformers import DynamicCache
-
     inputs = row_inputs(prompts, prompt_ids)
     batch = dict(inputs)
     if not uses_mrope(model):
         batch["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
-    out = model(**batch, mm_encoder_outputs=features.for_rows(prompt_ids), past_key_values=DynamicCache(),
-                use_cache=True, logits_to_keep=1)
-    cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    kept = kv_cache.prompt_cache()   # a checkpointed layer's replay does not write to it again
+    # use_cache asks the model to make a cache; this one is given, and read from `kept` below
+    with kv_cache.checkpointed_layers_keep_cache(model):
+        out = model(**batch, mm_encoder_outputs=features.for_rows(prompt_ids), past_key_values=kept,
+                    use_cache=False, logits_to_keep=1)
+    cache = [(layer.keys, layer.values) for layer in kept.layers]
     return PromptStates(cache, out.logits[:, -1, :], inputs["attention_mask"],
                         _completion_positions(model, inputs, completion_len))
 
@@ -379,9 +380,10 @@ def _continue_rows(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor
     """Forward completion tokens `ids` [N, t] of rows whose `cache` holds their prompt (and their
     completion so far); `attention_mask` covers the cache and the t tokens, `positions` the t
     tokens. Returns (logits [N, t, V], the cache, now holding the t tokens too)."""
-    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                use_cache=True)
-    return out.logits, out.past_key_values
+    with kv_cache.checkpointed_layers_keep_cache(model):
+        out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                    use_cache=False)   # the cache is given (and updated in place): none to make
+    return out.logits, cache
 
 
 def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_tokens: int, do_sample: bool,
@@ -443,7 +445,7 @@ def _shared_prompt_logits(model, prompts: dict, completion_ids: torch.Tensor, co
     first = states.last_logits[index].unsqueeze(1)
     if t == 1:
         return first
-    cache, prompt_mask, positions = states.for_rows(index)
+    cache, prompt_mask, positions = states.for_rows(index, grows=False)
     mask = torch.cat([prompt_mask, completion_mask[:, :-1].to(prompt_mask.dtype)], dim=1)
     rest, _ = _continue_rows(model, cache, completion_ids[:, :-1], mask, positions[..., :t - 1])
     return torch.cat([first, rest], dim=1)

@@ -80,6 +80,8 @@ def main() -> None:
     p.add_argument("--num-generations", type=int, default=8, help="G completions per prompt")
     p.add_argument("--completion", type=int, default=64, help="completion tokens (sampled and scored)")
     p.add_argument("--mu", type=int, default=2, help="updates per generation batch, for the step column")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing on (--gradient-checkpointing): the update recomputes each layer")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -96,6 +98,8 @@ def main() -> None:
             folder = tiny_families.build_tiny_family(args.family, Path(tmp) / args.family)
         budget = None if args.family == "toy" else args.image_tokens
         model, processor = families.load_model(folder, max_image_tokens=budget)
+    if args.checkpointing:
+        families.enable_activation_checkpointing(model)
     model.train()
     b, g, t = args.batch_size, args.num_generations, args.completion
     images = images_of(args.size, b)
@@ -112,7 +116,8 @@ def main() -> None:
         m["step"] = m["sample"] + m["logprobs"] * (1 + (not s and args.mu > 1)) + args.mu * m["update"]
     print(f"{args.family}: B {b} x G {g}, prompt {prompts['input_ids'].shape[1]} tokens "
           f"({args.image_tokens} image-token budget, {args.size} px), completion {t} tokens, mu {args.mu}, "
-          f"{args.threads} thread(s), median of {args.repeats}\n")
+          f"{args.threads} thread(s), median of {args.repeats}"
+          f"{', activation checkpointing' if args.checkpointing else ''}\n")
     print("| path | sample s | log-probs s | update s | step s (mu) |")
     print("|---|---|---|---|---|")
     for s, name in ((False, "per row (every row runs its prompt)"), (True, "prompt once per group")):

@@ -5,11 +5,16 @@ matrix: log-probs to 1e-5, parameter gradients to rtol 1e-4, with left padding (
 sizes), Qwen's 3-D mrope positions and Gemma 3's token types, with LoRA; and the prompt
 positions computed per pass are B rows, not B x G."""
 
+import copy
+from unittest import mock
+
 import pytest
 import torch
 from PIL import Image
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import families
+import kv_cache
 import lora
 import vlm
 from tiny_families import FAMILY_NAMES
@@ -116,19 +121,67 @@ def test_shared_prompt_with_lora(name, tiny_family_dir, tiny_model_dir):
     check_equal(model, processor)
 
 
-def test_activation_checkpointing_falls_back_and_still_matches(tiny_model_dir):
-    """transformers' checkpointed layers drop the KV cache, so a checkpointed model in training
-    uses the per-row path; its gradients still equal the plain model's."""
-    model, processor = families.load_model(tiny_model_dir)
+def test_activation_checkpointing_keeps_the_prompt_shared(family):
+    """With activation checkpointing the prompt is still run once per group: the prompt pass's
+    cache keeps its first write and the completion pass only reads it, so the layers' replays in
+    the backward pass are safe. The gradients equal the plain model's on the per-row path, and
+    the layers are really replayed (their attention runs again during backward)."""
+    name, model, processor = family
+    if not vlm.shares_prompt(model):
+        pytest.skip(f"{name}: falls back to the per-row path")
+    model = copy.deepcopy(model)   # the fixture's model is shared by later tests: leave it unchanged
     prompts, completion, mask = batch(model, processor)
     model.train()
-    expected = grads_of(model, prompts, completion, mask, True, 4)
+    expected = grads_of(model, prompts, completion, mask, False, 6)
     families.enable_activation_checkpointing(model)
     model.train()
-    assert not vlm.shares_prompt(model)
-    got = grads_of(model, prompts, completion, mask, None, 4)
-    for a, b in zip(got, expected):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert vlm.shares_prompt(model)
+    phase, calls = ["forward"], {"forward": 0, "backward": 0}
+    attention = [m for m in model.modules()
+                 if hasattr(m, "layer_idx") and not isinstance(m, GradientCheckpointingLayer)]
+    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(phase[0], calls[phase[0]] + 1)) for m in attention]
+    try:
+        for micro in (6, 4):
+            with mock.patch.object(torch.Tensor, "backward", counting_backward(phase)):
+                got = grads_of(model, prompts, completion, mask, True, micro)
+            for a, b in zip(got, expected):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"gradient differs by {(a - b).abs().max().item()}"
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["forward"] > 0 and calls["backward"] == calls["forward"], calls   # every layer run is replayed
+
+
+def test_replay_safe_cache_layers():
+    """A checkpointed layer runs its forward twice (forward, then the replay in backward): the
+    prompt pass's layer keeps its first write, the completion pass's never grows."""
+    keys, values, again = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
+    first = kv_cache.KeepFirstLayer()
+    for call in (keys, again):              # the forward, then its replay
+        assert first.update(call, call)[0] is call
+    assert first.keys is keys and first.get_seq_length() == 3
+    read = kv_cache.rows_cache([(keys, values)], grows=False).layers[0]
+    new = torch.randn(2, 1, 5, 4)
+    for _ in range(2):
+        k, v = read.update(new, new)
+        assert torch.equal(k, torch.cat([keys, new], dim=2)) and torch.equal(v, torch.cat([values, new], dim=2))
+    assert read.get_seq_length() == 3
+    grows = kv_cache.rows_cache([(keys, values)], grows=True).layers[0]
+    grows.update(new, new)
+    assert grows.get_seq_length() == 8      # decoding appends
+
+
+def counting_backward(phase):
+    """Tensor.backward that marks the attention calls it triggers as replays."""
+    original = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        phase[0] = "backward"
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            phase[0] = "forward"
+    return backward
 
 
 def test_greedy_sampling_from_the_shared_prompt_equals_generate(family, monkeypatch):

@@ -1,0 +1,69 @@
+"""The KV caches of the shared prompt (vlm.prompt_states): each prompt's keys and values are
+computed for B rows and read by its G completion rows.
+
+transformers' caches append every call's keys and values. That is what decoding wants (one token
+per step), and what a log-prob pass with activation checkpointing cannot have: see below.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+def prompt_cache() -> Cache:
+    """The cache a prompt pass fills: one KeepFirstLayer per layer, made as the model asks."""
+    return Cache(layer_class_to_replicate=KeepFirstLayer)
+
+
+def rows_cache(states: list, grows: bool) -> Cache:
+    """The cache of completion rows that start from `states`, per layer (keys, values) [N, h, P, d]:
+    decoding appends to it (`grows`); a log-prob pass only reads it (ReadOnlyLayer)."""
+    layers = [(DynamicLayer if grows else ReadOnlyLayer)() for _ in states]
+    for layer, (keys, values) in zip(layers, states):
+        layer.update(keys, values)
+    return Cache(layers=layers)
+
+
+# Activation checkpointing replays each layer's forward in the backward pass, and transformers
+# takes the cache away from a checkpointed layer, since a replayed layer would append its keys
+# a second time. The two caches of a log-prob pass are safe to replay, so the prompt is shared
+# with checkpointing on too: the prompt pass keeps its first write (KeepFirstLayer) and the
+# completion pass only reads the prompt's states (ReadOnlyLayer).
+class KeepFirstLayer(DynamicLayer):
+    """A prompt pass's cache layer: keeps the keys and values of its first call, returns each
+    call's own (the prompt's tokens attend to each other); a replay writes nothing."""
+
+    def update(self, keys, values, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+        return keys, values
+
+
+class ReadOnlyLayer(DynamicLayer):
+    """A completion pass's cache layer: the first call stores the rows' prompt states; every
+    later call returns them followed by its own tokens' and stores nothing."""
+
+    def update(self, keys, values, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+            return keys, values
+        return torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+
+
+@contextmanager
+def checkpointed_layers_keep_cache(model):
+    """Let checkpointed layers see the (replay-safe) cache during a prompt or completion pass."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache   # back to the class's False
