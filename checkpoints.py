@@ -69,6 +69,14 @@ def recover_checkpoint(out: str | os.PathLike) -> Path:
     return out
 
 
+def start_run(out: str, resume: bool, seed: int) -> tuple[Path, Path, Path | None]:
+    """A trainer's first lines: its run folder, its checkpoint folder and the checkpoint to resume
+    from (resume_point: an interrupted save is recovered first), with every RNG seeded."""
+    ckpt = resume_point(out, resume)
+    seed_everything(seed)
+    return Path(out), Path(out) / "checkpoint", ckpt
+
+
 def resume_point(out: str | os.PathLike, resume: bool) -> Path | None:
     """The checkpoint folder to resume from (None for a fresh start), after recovering an
     interrupted save. `--resume` with no trainer state there is an error that changes nothing:

@@ -138,6 +138,18 @@ def evaluate(model, processor, root, records, batch_size=32, max_new_tokens=96, 
     return metrics, predictions
 
 
+def periodic_validation(model, processor, cfg, val: list[dict], step: int, skipped: dict) -> dict:
+    """A trainer's validation: every cfg.eval_every steps and at the last one, the accuracy and
+    format rate on `val` (empty when validation is off); {} at other steps. Leaves the model in
+    training mode."""
+    if not val or (step % cfg.eval_every and step != cfg.steps):
+        return {}
+    metrics, _ = evaluate(model, processor, cfg.data, val, max_new_tokens=cfg.max_new_tokens, progress=False,
+                          skipped=skipped)
+    model.train()
+    return {"val_accuracy": metrics["accuracy"], "val_format_rate": metrics["format_rate"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables (the pictures are drawn by charts.py)
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -48,9 +47,7 @@ def parse_args(argv=None) -> clgrpo.GRPOConfig:
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
-    resume = checkpoints.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses an empty --resume
-    checkpoints.seed_everything(cfg.seed)
+    out, ckpt, resume = checkpoints.start_run(cfg.out, cfg.resume, cfg.seed)   # refuses an empty --resume
 
     # The policy starts from --model (or the checkpoint when resuming); the reference is always
     # --model, frozen: KL is measured against where this stage started. With LoRA that is the
@@ -72,7 +69,7 @@ def main(argv=None) -> dict:
     warmup = cfg.warmup
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     policy = clgrpo.Policy(model, processor, ref_model, optimizer, scheduler,
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16))
+                           torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16))
     sampler = EpochSampler(len(train), cfg.seed)
     step, skipped = 0, 0
     if resume:
@@ -113,11 +110,7 @@ def main(argv=None) -> dict:
         skipped += metrics["skipped_update"]
         samples = metrics.pop("samples")
         metrics = {"step": step, **metrics, "skipped_updates_total": skipped}
-        if val and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val_metrics, _ = evaluation.evaluate(model, processor, cfg.data, val, max_new_tokens=cfg.max_new_tokens,
-                                                 progress=False, skipped=unreadable)
-            metrics.update(val_accuracy=val_metrics["accuracy"], val_format_rate=val_metrics["format_rate"])
-            model.train()
+        metrics.update(evaluation.periodic_validation(model, processor, cfg, val, step, unreadable))
         append_jsonl(out / "metrics.jsonl", metrics)
         if cfg.sample_every and step % cfg.sample_every == 0:
             append_jsonl(out / "samples.jsonl", {"step": step, "samples": samples})

@@ -17,7 +17,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -194,9 +193,7 @@ def parse_args(argv=None) -> SFTConfig:
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    out, ckpt = Path(cfg.out), Path(cfg.out) / "checkpoint"
-    resume = checkpoints.resume_point(out, cfg.resume)   # recovers an interrupted save; refuses an empty --resume
-    checkpoints.seed_everything(cfg.seed)
+    out, ckpt, resume = checkpoints.start_run(cfg.out, cfg.resume, cfg.seed)   # refuses an empty --resume
     model, processor = families.load_for_training(cfg, ckpt if resume else None)
     device = next(model.parameters()).device
     examples = load_examples(cfg, processor)
@@ -251,11 +248,7 @@ def main(argv=None) -> dict:
         step += 1
         record = {"step": step, "loss": loss_value, "grad_norm": grad_value,
                   "lr": scheduler.get_last_lr()[0], "step_s": round(time.perf_counter() - t0, 4)}
-        if val and (step % cfg.eval_every == 0 or step == cfg.steps):
-            metrics, _ = evaluation.evaluate(model, processor, cfg.data, val, max_new_tokens=cfg.max_new_tokens,
-                                             progress=False, skipped=unreadable)
-            record.update(val_accuracy=metrics["accuracy"], val_format_rate=metrics["format_rate"])
-            model.train()
+        record.update(evaluation.periodic_validation(model, processor, cfg, val, step, unreadable))
         append_jsonl(out / "metrics.jsonl", record)
         val_acc = {"val_acc": f"{record['val_accuracy']:.2f}"} if "val_accuracy" in record else {}
         bar.set_postfix(loss=f"{record['loss']:.3f}", **val_acc)
