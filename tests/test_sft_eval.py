@@ -1,6 +1,7 @@
 """sft.py (label masks, learning, resume) and eval.py (pure metrics, the confusion picture)."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -409,3 +410,17 @@ def test_eval_append_refuses_rows_of_another_split_or_size(tmp_path, tiny_model_
     (out / "results.json").write_text("{}")
     with pytest.raises(SystemExit, match="not a results.json of eval.py"):
         evaluation.main(base + ["--limit", "3", "--append"])
+
+
+def test_periodic_validation_runs_every_n_steps_and_at_the_last(monkeypatch):
+    """Validation at steps 3, 6 and the last (7) of a 7-step run with eval_every 3; {} elsewhere and
+    when there is no validation set; the model is put back in training mode after each one."""
+    calls = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, *a, **k: calls.append(a[2]) or
+                        ({"accuracy": 0.25, "format_rate": 0.75}, []))
+    model = torch.nn.Linear(1, 1).eval()
+    cfg = types.SimpleNamespace(eval_every=3, steps=7, data="root", max_new_tokens=4)
+    got = {s: evaluation.periodic_validation(model, None, cfg, [{"id": 1}], s, {}) for s in range(1, 8)}
+    assert [s for s, m in got.items() if m] == [3, 6, 7] and len(calls) == 3
+    assert got[7] == {"val_accuracy": 0.25, "val_format_rate": 0.75} and model.training
+    assert evaluation.periodic_validation(model, None, cfg, [], 3, {}) == {}
