@@ -19,13 +19,38 @@ def prompt_cache() -> Cache:
     return Cache(layer_class_to_replicate=KeepFirstLayer)
 
 
-def rows_cache(states: list, grows: bool) -> Cache:
+def rows_cache(states: list, new_tokens: int | None = None) -> Cache:
     """The cache of completion rows that start from `states`, per layer (keys, values) [N, h, P, d]:
-    decoding appends to it (`grows`); a log-prob pass only reads it (ReadOnlyLayer)."""
-    layers = [(DynamicLayer if grows else ReadOnlyLayer)() for _ in states]
-    for layer, (keys, values) in zip(layers, states):
-        layer.update(keys, values)
+    with room for decoding `new_tokens` more (GrowingLayer), or, when None, for a log-prob pass
+    that only reads it (ReadOnlyLayer)."""
+    if new_tokens is None:
+        layers = [ReadOnlyLayer() for _ in states]
+        for layer, (keys, values) in zip(layers, states):
+            layer.update(keys, values)
+    else:
+        layers = [GrowingLayer(keys, values, new_tokens) for keys, values in states]
     return Cache(layers=layers)
+
+
+class GrowingLayer(DynamicLayer):
+    """Decoding's cache layer: the rows' prompt states and room for `capacity` more tokens in one
+    buffer allocated up front. Each step writes its token in place and attends to a view of the
+    filled part; a DynamicLayer would torch.cat a copy of the whole cache at every token."""
+
+    def __init__(self, keys, values, capacity: int):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        n, h, p, d = keys.shape
+        self.key_buffer = keys.new_empty(n, h, p + capacity, d)
+        self.value_buffer = values.new_empty(n, h, p + capacity, d)
+        self.key_buffer[:, :, :p], self.value_buffer[:, :, :p] = keys, values
+        self.keys, self.values = self.key_buffer[:, :, :p], self.value_buffer[:, :, :p]
+
+    def update(self, keys, values, *args, **kwargs):
+        start, end = self.keys.shape[-2], self.keys.shape[-2] + keys.shape[-2]
+        self.key_buffer[:, :, start:end], self.value_buffer[:, :, start:end] = keys, values
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
 
 
 # Activation checkpointing replays each layer's forward in the backward pass, and transformers

@@ -318,12 +318,14 @@ class PromptStates:
     attention_mask: torch.Tensor   # [B, P] the prompts' mask (left padding)
     positions: torch.Tensor        # [B, M] or [3, B, M] (mrope): positions of completion tokens 0..M-1
 
-    def for_rows(self, index: torch.Tensor, grows: bool = True):
+    def for_rows(self, index: torch.Tensor, decoding: bool = False):
         """What the rows continuing prompts `index` [N] see (a prompt repeats G times): a cache of
         their prompts' keys and values, the prompts' mask [N, P] and the positions of their
-        completion tokens [N, M] (or [3, N, M]). `grows`: decoding appends each new token to the
-        cache; a log-prob pass runs all of its tokens in one forward and only reads it."""
-        cache = kv_cache.rows_cache([(k[index], v[index]) for k, v in self.cache], grows)
+        completion tokens [N, M] (or [3, N, M]). `decoding`: the cache has room for the M tokens
+        decoding adds one at a time; otherwise a log-prob pass runs all of its tokens in one
+        forward and only reads it."""
+        room = self.positions.shape[-1] if decoding else None
+        cache = kv_cache.rows_cache([(k[index], v[index]) for k, v in self.cache], room)
         positions = self.positions[:, index] if self.positions.dim() == 3 else self.positions[index]
         return cache, self.attention_mask[index], positions
 
@@ -397,7 +399,7 @@ def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_to
     states = prompt_states(model, prompts, encode_images(model, prompts), list(range(b)), max_new_tokens)
     index = torch.arange(b, device=device).repeat_interleave(group_size)
     logits = states.last_logits[index]
-    cache, prompt_mask, positions = states.for_rows(index)
+    cache, prompt_mask, positions = states.for_rows(index, decoding=True)
     # every generated token is attended (as in generate()), so step j's mask is a prefix of this one
     full_mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(index), max_new_tokens)], dim=1)
     p = prompt_mask.shape[1]
@@ -445,7 +447,7 @@ def _shared_prompt_logits(model, prompts: dict, completion_ids: torch.Tensor, co
     first = states.last_logits[index].unsqueeze(1)
     if t == 1:
         return first
-    cache, prompt_mask, positions = states.for_rows(index, grows=False)
+    cache, prompt_mask, positions = states.for_rows(index)
     mask = torch.cat([prompt_mask, completion_mask[:, :-1].to(prompt_mask.dtype)], dim=1)
     rest, _ = _continue_rows(model, cache, completion_ids[:, :-1], mask, positions[..., :t - 1])
     return torch.cat([first, rest], dim=1)

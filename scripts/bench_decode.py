@@ -107,7 +107,7 @@ def prompt_kv_once(model, max_new_tokens: int):
     """Decode with group_prefix_attention: vlm's loop unchanged, its cache and step replaced."""
     text_config = next(m.config for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj"))
 
-    def for_rows(states, index):
+    def for_rows(states, index, decoding=True):   # only decoding runs under this patch
         cache = Cache(layers=[GroupPrefixLayer(k, v, len(index), max_new_tokens) for k, v in states.cache])
         positions = states.positions[:, index] if states.positions.dim() == 3 else states.positions[index]
         return cache, states.attention_mask[index], positions

@@ -154,21 +154,25 @@ def test_activation_checkpointing_keeps_the_prompt_shared(family):
 
 def test_replay_safe_cache_layers():
     """A checkpointed layer runs its forward twice (forward, then the replay in backward): the
-    prompt pass's layer keeps its first write, the completion pass's never grows."""
+    prompt pass's layer keeps its first write, the completion pass's never grows; decoding's
+    layer holds what torch.cat would."""
     keys, values, again = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4), torch.randn(2, 1, 3, 4)
     first = kv_cache.KeepFirstLayer()
     for call in (keys, again):              # the forward, then its replay
         assert first.update(call, call)[0] is call
     assert first.keys is keys and first.get_seq_length() == 3
-    read = kv_cache.rows_cache([(keys, values)], grows=False).layers[0]
+    read = kv_cache.rows_cache([(keys, values)]).layers[0]
     new = torch.randn(2, 1, 5, 4)
     for _ in range(2):
         k, v = read.update(new, new)
         assert torch.equal(k, torch.cat([keys, new], dim=2)) and torch.equal(v, torch.cat([values, new], dim=2))
     assert read.get_seq_length() == 3
-    grows = kv_cache.rows_cache([(keys, values)], grows=True).layers[0]
-    grows.update(new, new)
-    assert grows.get_seq_length() == 8      # decoding appends
+    grows = kv_cache.rows_cache([(keys, values)], new_tokens=6).layers[0]
+    for step in range(2):                   # decoding appends, in place (room for 6 tokens)
+        token = torch.randn(2, 1, 1, 4)
+        k, v = grows.update(token, token + 1)
+        keys, values = torch.cat([keys, token], dim=2), torch.cat([values, token + 1], dim=2)
+        assert torch.equal(k, keys) and torch.equal(v, values) and grows.get_seq_length() == 4 + step
 
 
 def counting_backward(phase):
