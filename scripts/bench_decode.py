@@ -10,11 +10,12 @@ family (tests/tiny_families.py) on random 448 px images with a real-sized image 
 B prompts x G completions of up to --max-new-tokens, temperature 1, one thread, each variant run
 alternately --repeats times on the same seeds (medians):
 - `generate`: generate(num_return_sequences=G), the path TRL takes: B x G prompt copies prefilled,
-- `today`: vlm.sample_completions: the B prompts prefilled once, their caches copied to the G rows,
+- `today`: vlm.sample_completions: the B prompts prefilled once, their caches copied to the G rows
+  (into buffers with room for the new tokens, kv_cache.GrowingLayer),
 - `prompt kv once`: a prototype in which each prompt's keys and values stay ONE copy per group in
   decoding too: each step's G queries of a group attend to it in one batched matmul (the prompt
-  part of the scores), the rows' own completion keys live in a preallocated buffer (no
-  torch.cat per token), and one softmax covers both parts. The same RNG use, so with a seed the
+  part of the scores), the rows' own completion keys live in a buffer of their own, and one
+  softmax covers both parts. The same RNG use, so with a seed the
   tokens are today's unless rounding flips a draw (the script counts the rows that differ),
 - `+ one uniform per row`: the prototype plus a draw by inverse CDF (one uniform per row instead
   of multinomial's one exponential per vocabulary entry): different random numbers, so only
