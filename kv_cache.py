@@ -1,8 +1,10 @@
 """The KV caches of the shared prompt (vlm.prompt_states): each prompt's keys and values are
 computed for B rows and read by its G completion rows.
 
-transformers' caches append every call's keys and values. That is what decoding wants (one token
-per step), and what a log-prob pass with activation checkpointing cannot have: see below.
+transformers' DynamicCache appends every call's keys and values by copying the whole cache
+(torch.cat): slow for decoding, one token per step (GrowingLayer writes in place instead), and
+wrong for a log-prob pass under activation checkpointing, whose replays would append twice (see
+below).
 """
 
 from __future__ import annotations
