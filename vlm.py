@@ -412,9 +412,22 @@ def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_to
         done |= torch.isin(nxt, eos_ids)
         if bool(done.all()) or j == max_new_tokens - 1:
             break
-        out, cache = _continue_rows(model, cache, nxt[:, None], full_mask[:, :p + j + 1], positions[..., j:j + 1])
-        logits = out[:, -1, :]
+        logits = _decoding_step(model, cache, nxt[:, None], full_mask[:, :p + j + 1], positions[..., j:j + 1])
     return torch.stack(tokens, dim=1)
+
+
+def _decoding_step(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+    """Logits [N, V] after one new token per row (`ids` [N, 1]); `cache` gains the token. No image
+    token follows the prompt, so a step needs only the language model and the LM head: the VLM's
+    wrapper (image merge, output bookkeeping) would do nothing but cost ~7% of sampling on a
+    small model. Bitwise the full model's logits on every family (tests/test_shared_prompt.py);
+    a model that post-processes its logits (final soft-capping) takes the full forward."""
+    text_config = getattr(model.config, "text_config", model.config)
+    if getattr(text_config, "final_logit_softcapping", None):
+        return _continue_rows(model, cache, ids, attention_mask, positions)[0][:, -1, :]
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden)[:, -1, :]
 
 
 def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

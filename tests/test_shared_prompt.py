@@ -188,6 +188,23 @@ def counting_backward(phase):
     return backward
 
 
+def test_a_decoding_step_is_the_full_models_bit_for_bit(family):
+    """A decoding step runs the language model and the LM head alone (no image token follows the
+    prompt): two steps from the shared prompt cache give the full VLM's logits, bit for bit."""
+    name, model, processor = family
+    prompts = vlm.encode_prompts(processor, two_images())
+    index, tokens = torch.tensor([0, 0, 1]), random_completions(model, processor, 3, 2)
+    with torch.no_grad():
+        states = vlm.prompt_states(model, prompts, vlm.encode_images(model, prompts), [0, 1], 2)
+        (alone, mask, positions), (full, _, _) = states.for_rows(index, True), states.for_rows(index, True)
+        for j in range(2):
+            step_mask = torch.cat([mask, mask.new_ones(3, j + 1)], dim=1)
+            args = (tokens[:, j:j + 1], step_mask, positions[..., j:j + 1])
+            got = vlm._decoding_step(model, alone, *args)
+            want = vlm._continue_rows(model, full, *args)[0][:, -1, :]
+            assert torch.equal(got, want), (name, j)
+
+
 def test_greedy_sampling_from_the_shared_prompt_equals_generate(family, monkeypatch):
     """Greedy decoding from the shared prompt cache gives generate()'s tokens, token for token."""
     name, model, processor = family
