@@ -54,6 +54,12 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only rows `index` [n] of the batch (finished rows leave decoding)."""
+        end = self.keys.shape[-2]
+        self.key_buffer, self.value_buffer = self.key_buffer[index], self.value_buffer[index]
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
 
 # Activation checkpointing replays each layer's forward in the backward pass, and transformers
 # takes the cache away from a checkpointed layer, since a replayed layer would append its keys

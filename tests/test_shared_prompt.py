@@ -190,7 +190,8 @@ def counting_backward(phase):
 
 def test_a_decoding_step_is_the_full_models_bit_for_bit(family):
     """A decoding step runs the language model and the LM head alone (no image token follows the
-    prompt): two steps from the shared prompt cache give the full VLM's logits, bit for bit."""
+    prompt): two steps from the shared prompt cache give the full VLM's logits, bit for bit; and
+    without padding, a step given no mask gives the masked full model's logits."""
     name, model, processor = family
     prompts = vlm.encode_prompts(processor, two_images())
     index, tokens = torch.tensor([0, 0, 1]), random_completions(model, processor, 3, 2)
@@ -203,6 +204,15 @@ def test_a_decoding_step_is_the_full_models_bit_for_bit(family):
             got = vlm._decoding_step(model, alone, *args)
             want = vlm._continue_rows(model, full, *args)[0][:, -1, :]
             assert torch.equal(got, want), (name, j)
+    one_prompt = vlm.encode_prompts(processor, two_images()[:1])   # no padding: decoding passes no mask
+    with torch.no_grad():
+        states = vlm.prompt_states(model, one_prompt, vlm.encode_images(model, one_prompt), [0], 1)
+        rows = torch.tensor([0, 0])
+        (alone, mask, positions), (full, _, _) = states.for_rows(rows, True), states.for_rows(rows, True)
+        step_mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+        got = vlm._decoding_step(model, alone, tokens[:2, :1], None, positions[..., :1])
+        want = vlm._continue_rows(model, full, tokens[:2, :1], step_mask, positions[..., :1])[0][:, -1, :]
+        assert torch.equal(got, want), name
 
 
 def test_greedy_sampling_from_the_shared_prompt_equals_generate(family, monkeypatch):
@@ -218,9 +228,31 @@ def test_greedy_sampling_from_the_shared_prompt_equals_generate(family, monkeypa
     assert shared.texts == generated.texts
 
 
+def test_finished_rows_leave_decoding_without_changing_the_others(half_format_model, toy_data, monkeypatch):
+    """Rows that have ended are dropped from the batch (with their cache rows) as decoding goes on:
+    completions that end at different steps are the same with and without the drop, token for
+    token, and rows were dropped. To compare the two runs, the draw is made a function of each
+    row's own probabilities (the uniform fixed at 0.3: the rows end after 18 to 48 tokens)."""
+    from data import load_images, read_emoset_split
+    model, processor = families.load_model(half_format_model)
+    records, _ = read_emoset_split(toy_data, "train")
+    _, images = load_images(toy_data, records[:6], {})
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 0.3))
+    drops = []
+    keep_rows = kv_cache.GrowingLayer.keep_rows
+    monkeypatch.setattr(kv_cache.GrowingLayer, "keep_rows",
+                        lambda self, index: (drops.append(len(index)), keep_rows(self, index))[1])
+    dropping = vlm.sample_completions(model, processor, images, max_new_tokens=48)
+    monkeypatch.setattr(vlm, "DROP_FINISHED", 2.0)   # never: every row stays to the end
+    kept = vlm.sample_completions(model, processor, images, max_new_tokens=48)
+    lengths = dropping.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 3 and drops, (lengths, drops)
+    assert torch.equal(dropping.completion_ids, kept.completion_ids)
+
+
 def test_seeded_group_sampling_from_the_shared_prompt(tiny):
-    """G rows per prompt, a fixed seed repeats the draw, finished rows are padded after their EOS,
-    and with the same seed the draw is generate()'s (same logits up to rounding, same RNG use)."""
+    """G rows per prompt, a fixed seed repeats the draw, finished rows are padded after their EOS.
+    (The draw itself: test_vlm's draw_from and _next_tokens tests.)"""
     model, processor = tiny
     images, eos, pad = two_images(), vlm.eos_token_ids(model, processor), processor.tokenizer.pad_token_id
     torch.manual_seed(3)
@@ -234,9 +266,3 @@ def test_seeded_group_sampling_from_the_shared_prompt(tiny):
     assert torch.equal(a.truncated, ~torch.isin(ids, torch.tensor(eos)).any(1))
     kept = ids[mask.bool()]
     assert not torch.isin(kept, torch.tensor(vlm.blocked_token_ids(model, processor))).any()
-    torch.manual_seed(3)
-    import unittest.mock
-    with unittest.mock.patch.object(vlm, "shares_prompt", lambda m: False):
-        c = vlm.sample_completions(model, processor, images, group_size=4, max_new_tokens=12, temperature=1.3,
-                                   top_p=0.9)
-    assert torch.equal(a.completion_ids, c.completion_ids)

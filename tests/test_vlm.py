@@ -1,5 +1,7 @@
 """The tiny VLM and vlm.py: build/save/reload offline, sampling, masks, log-probs, checkpoints."""
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -40,6 +42,43 @@ def test_completion_mask_ends_at_first_eos():
     mask, truncated = vlm.completion_mask_from_ids(ids, eos_ids=[2, 3])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
     assert truncated.tolist() == [False, True, False, False]
+
+
+def test_draw_from_follows_the_probabilities_and_never_draws_a_zero():
+    """Inverse-CDF draw: frequencies over 40,000 rows match p (within 5 standard errors), a
+    p = 0 entry (first, middle, last) is never drawn, and a uniform that rounds up to the total
+    gives the last entry with p > 0."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.1, 0.0, 0.55, 0.05, 0.3, 0.0])
+    n = 40_000
+    drawn = vlm.draw_from(p.expand(n, -1))
+    freq = torch.bincount(drawn, minlength=len(p)).double() / n
+    assert freq[p == 0].sum() == 0
+    se = (p * (1 - p) / n).double().sqrt()
+    assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), freq
+    unnormalised = p.expand(3, -1) * torch.tensor([[1.0], [2.0], [0.5]])   # scale does not matter
+    with mock.patch.object(torch, "rand_like", lambda t: torch.ones_like(t)):  # u = 1: u * total = total
+        assert vlm.draw_from(unnormalised).tolist() == [5, 5, 5]
+    with mock.patch.object(torch, "rand_like", lambda t: torch.zeros_like(t)):  # u = 0: the first p > 0
+        assert vlm.draw_from(unnormalised).tolist() == [1, 1, 1]
+
+
+def test_next_tokens_samples_softmax_over_temperature_within_top_p():
+    """_next_tokens draws from softmax(logits / T) renormalised over the top-p nucleus, with the
+    blocked tokens out: each surviving token at its rate, the rest never."""
+    torch.manual_seed(1)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+    n, temperature, top_p = 40_000, 0.8, 0.9
+    drawn = vlm._next_tokens(logits.expand(n, -1), True, temperature, top_p, blocked=[5])
+    p = torch.softmax(logits[:5] / temperature, dim=-1)          # token 5 blocked
+    ordered, order = p.sort(descending=True)
+    keep = order[(ordered.cumsum(0) - ordered) < top_p]           # smallest set reaching top_p
+    target = torch.zeros(6)
+    target[keep] = p[keep] / p[keep].sum()
+    freq = torch.bincount(drawn, minlength=6).double() / n
+    assert freq[target == 0].sum() == 0 and len(keep) < 5
+    se = (target * (1 - target) / n).double().sqrt()
+    assert ((freq - target.double()).abs() <= 5 * se + 1e-12).all(), (freq, target)
 
 
 def test_sampling_never_emits_blocked_tokens(tiny, images):
