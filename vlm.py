@@ -469,12 +469,16 @@ def draw_from(probs: torch.Tensor) -> torch.Tensor:
     the first i whose cumulative sum c_i = p_0 + ... + p_i exceeds u * c_V-1, u ~ U[0, 1).
     One uniform per row: torch.multinomial on a CPU draws one exponential per vocabulary entry
     (14% of sampling a small model). A token with p_i = 0 is never drawn: its c_i equals c_i-1,
-    so the search stops before it. u * c_V-1 can round up to the total c_V-1 itself; the draw
-    is then the first index that reaches the total (the last with p_i > 0), not V."""
+    so the search stops before it. Two pitfalls: u * c_V-1 can round up to the total itself (the
+    search would return V), and a parallel cumsum (a GPU's) can round c_i above c_i-1 where
+    p_i = 0 (an image placeholder would then crash the next forward). Either way the draw becomes
+    the first index that reaches the total, which has p_i > 0. (A CPU's cumsum adds in float64,
+    one entry after another, so there the second cannot happen.)"""
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
-    index = torch.searchsorted(cdf, torch.rand_like(total) * total, right=True)
-    return torch.minimum(index, (cdf < total).sum(dim=-1, keepdim=True)).squeeze(1)
+    first_at_total = (cdf < total).sum(dim=-1, keepdim=True)
+    drawn = torch.minimum(torch.searchsorted(cdf, torch.rand_like(total) * total, right=True), first_at_total)
+    return torch.where(probs.gather(1, drawn) > 0, drawn, first_at_total).squeeze(1)
 
 
 def _shared_prompt_logits(model, prompts: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,

@@ -1,5 +1,5 @@
-"""What bounds sampling, the largest phase of a GRPO step at mu = 1: today's decoding loop against
-generate() and against two prototypes of the next savings.
+"""What bounds sampling, the largest phase of a GRPO step at mu = 1: the decoding loop against
+generate(), each of its savings taken away in turn, and a prototype of a further one.
 
     python scripts/bench_decode.py --model runs/wheel/seed0/stage1/checkpoint --data runs/wheel/seed0/data
     python scripts/bench_decode.py --family qwen2_vl --image-tokens 400 --max-new-tokens 64
@@ -10,18 +10,20 @@ family (tests/tiny_families.py) on random 448 px images with a real-sized image 
 B prompts x G completions of up to --max-new-tokens, temperature 1, one thread, each variant run
 alternately --repeats times on the same seeds (medians):
 - `generate`: generate(num_return_sequences=G), the path TRL takes: B x G prompt copies prefilled,
+  a multinomial draw, every row to the end,
 - `today`: vlm.sample_completions: the B prompts prefilled once, their caches copied to the G rows
-  (into buffers with room for the new tokens, kv_cache.GrowingLayer),
-- `prompt kv once`: a prototype in which each prompt's keys and values stay ONE copy per group in
-  decoding too: each step's G queries of a group attend to it in one batched matmul (the prompt
-  part of the scores), the rows' own completion keys live in a buffer of their own, and one
-  softmax covers both parts. The same RNG use, so with a seed the
-  tokens are today's unless rounding flips a draw (the script counts the rows that differ),
-- `+ one uniform per row`: the prototype plus a draw by inverse CDF (one uniform per row instead
-  of multinomial's one exponential per vocabulary entry): different random numbers, so only
-  the time and mean length compare.
-The prototypes are measurements, not the project's code path: they show how far sampling could
-drop without compiling the model.
+  (into buffers with room for the new tokens, kv_cache.GrowingLayer), each step the language
+  model alone (vlm._decoding_step), the draw by inverse CDF (vlm.draw_from), finished rows
+  leaving the batch (vlm.DROP_FINISHED),
+- `- row dropping`, `- inverse CDF` (torch.multinomial instead), `- LM alone` (the whole VLM's
+  forward each step): today with one saving taken away,
+- `prompt kv once`: a prototype, today without row dropping, in which each prompt's keys and
+  values stay ONE copy per group in decoding too: each step's G queries of a group attend to it
+  in one batched matmul (the prompt part of the scores), the rows' own completion keys live in a
+  buffer of their own, and one softmax covers both parts. It needs whole groups, so it cannot
+  drop rows.
+Variants that draw other random numbers end other completions: the mean completion length shows
+that they sample alike. The prototype is a measurement, not the project's code path.
 """
 
 import argparse
@@ -113,28 +115,18 @@ def prompt_kv_once(model, max_new_tokens: int):
         positions = states.positions[:, index] if states.positions.dim() == 3 else states.positions[index]
         return cache, states.attention_mask[index], positions
 
-    def continue_rows(model, cache, ids, attention_mask, positions):
+    def decoding_step(model, cache, ids, attention_mask, positions):
         before, text_config._attn_implementation = text_config._attn_implementation, GROUP_PREFIX
         try:
             out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, group_prefix=cache)
         finally:
             text_config._attn_implementation = before
-        return out.logits, cache
+        return out.logits[:, -1, :]
 
     with mock.patch.object(vlm.PromptStates, "for_rows", for_rows), \
-            mock.patch.object(vlm, "_continue_rows", continue_rows):
+            mock.patch.object(vlm, "_decoding_step", decoding_step), mock.patch.object(vlm, "DROP_FINISHED", 2.0):
         yield
-
-
-def one_uniform_draw(logits, do_sample, temperature, top_p, blocked):
-    """Inverse CDF: the first token whose cumulative probability exceeds u * total, u ~ U[0, 1)."""
-    assert do_sample and top_p == 1.0
-    scores = logits.float().clone()
-    scores[:, blocked] = -float("inf")
-    cdf = (scores / temperature).softmax(dim=-1).cumsum(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 def main():
@@ -172,18 +164,20 @@ def main():
         return vlm.sample_completions(model, processor, images, group_size=args.num_generations,
                                       max_new_tokens=args.max_new_tokens, temperature=1.0)
 
+    def full_vlm_step(model, cache, ids, attention_mask, positions):
+        return vlm._continue_rows(model, cache, ids, attention_mask, positions)[0][:, -1, :]
+
     variants = {   # name -> the patches it runs under
         "generate": lambda: [mock.patch.object(vlm, "shares_prompt", lambda m: False)],
         "today": lambda: [],
+        "- row dropping": lambda: [mock.patch.object(vlm, "DROP_FINISHED", 2.0)],
+        "- inverse CDF": lambda: [mock.patch.object(vlm, "draw_from", lambda p: torch.multinomial(p, 1).squeeze(1))],
+        "- LM alone": lambda: [mock.patch.object(vlm, "_decoding_step", full_vlm_step)],
         "prompt kv once": lambda: [prompt_kv_once(model, args.max_new_tokens)],
-        "+ one uniform per row": lambda: [prompt_kv_once(model, args.max_new_tokens),
-                                          mock.patch.object(vlm, "_next_tokens", one_uniform_draw)],
     }
     seconds = {name: [] for name in variants}
     lengths = {name: [] for name in variants}
-    differing_rows = 0
     for seed in range(args.repeats + 1):   # seed 0 warms up and is not timed
-        today = None
         for name, patches in variants.items():
             with ExitStack() as stack:
                 for patch in patches():
@@ -194,11 +188,6 @@ def main():
             if seed:
                 seconds[name].append(elapsed)
                 lengths[name].append(rollout.completion_mask.sum(1).float().mean().item())
-            if name == "today":
-                today = rollout.completion_ids
-            if name == "prompt kv once" and seed:
-                same_shape = rollout.completion_ids.shape == today.shape
-                differing_rows += (rollout.completion_ids != today).any(1).sum().item() if same_shape else len(today)
     base = statistics.median(seconds["today"])
     print(f"{args.family or args.model}: B {args.batch_size} x G {args.num_generations}, prompt {prompt_tokens} "
           f"tokens, up to {args.max_new_tokens} new tokens, "
@@ -208,8 +197,6 @@ def main():
     for name in variants:
         s = statistics.median(seconds[name])
         print(f"| {name} | {s:.3f} | {s / base:.2f} | {statistics.mean(lengths[name]):.1f} |")
-    rows = args.repeats * args.batch_size * args.num_generations
-    print(f"`prompt kv once` rows whose tokens differ from today's (same seed): {differing_rows} of {rows}")
 
 
 if __name__ == "__main__":

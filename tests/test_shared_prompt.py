@@ -228,6 +228,19 @@ def test_greedy_sampling_from_the_shared_prompt_equals_generate(family, monkeypa
     assert shared.texts == generated.texts
 
 
+def test_a_model_that_soft_caps_its_logits_decodes_through_the_full_forward(tiny, monkeypatch):
+    """The language model alone would skip a final soft-cap of the logits, which the VLM's head
+    applies (Gemma 2-based models): such a model takes the full forward at every step."""
+    model, processor = tiny
+    text_config = getattr(model.config, "text_config", model.config)
+    monkeypatch.setattr(text_config, "final_logit_softcapping", 30.0, raising=False)
+    calls = []
+    continue_rows = vlm._continue_rows
+    monkeypatch.setattr(vlm, "_continue_rows", lambda *a: (calls.append(1), continue_rows(*a))[1])
+    vlm.sample_completions(model, processor, two_images(), group_size=2, max_new_tokens=4)
+    assert len(calls) >= 1
+
+
 def test_finished_rows_leave_decoding_without_changing_the_others(half_format_model, toy_data, monkeypatch):
     """Rows that have ended are dropped from the batch (with their cache rows) as decoding goes on:
     completions that end at different steps are the same with and without the drop, token for

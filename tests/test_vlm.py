@@ -46,8 +46,8 @@ def test_completion_mask_ends_at_first_eos():
 
 def test_draw_from_follows_the_probabilities_and_never_draws_a_zero():
     """Inverse-CDF draw: frequencies over 40,000 rows match p (within 5 standard errors), a
-    p = 0 entry (first, middle, last) is never drawn, and a uniform that rounds up to the total
-    gives the last entry with p > 0."""
+    p = 0 entry (first, middle, last) is never drawn, and a uniform that rounds up to the total,
+    or a search that lands on a p = 0 entry, gives the last entry with p > 0."""
     torch.manual_seed(0)
     p = torch.tensor([0.0, 0.1, 0.0, 0.55, 0.05, 0.3, 0.0])
     n = 40_000
@@ -61,6 +61,9 @@ def test_draw_from_follows_the_probabilities_and_never_draws_a_zero():
         assert vlm.draw_from(unnormalised).tolist() == [5, 5, 5]
     with mock.patch.object(torch, "rand_like", lambda t: torch.zeros_like(t)):  # u = 0: the first p > 0
         assert vlm.draw_from(unnormalised).tolist() == [1, 1, 1]
+    search = torch.searchsorted   # a cumsum that rounded c_2 above c_1 (p_2 = 0) leads the search to 2
+    with mock.patch.object(torch, "searchsorted", lambda cdf, u, right: search(cdf, u, right=right) * 0 + 2):
+        assert vlm.draw_from(unnormalised).tolist() == [5, 5, 5]
 
 
 def test_next_tokens_samples_softmax_over_temperature_within_top_p():
