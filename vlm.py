@@ -434,7 +434,7 @@ def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_to
 def _decoding_step(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
     """Logits [N, V] after one new token per row (`ids` [N, 1]); `cache` gains the token. No image
     token follows the prompt, so a step needs only the language model and the LM head: the VLM's
-    wrapper (image merge, output bookkeeping) would do nothing but cost ~7% of sampling on a
+    wrapper (image merge, output bookkeeping) would do nothing but cost ~8% of sampling on a
     small model. Bitwise the full model's logits on every family (tests/test_shared_prompt.py);
     a model that post-processes its logits (final soft-capping) takes the full forward."""
     text_config = getattr(model.config, "text_config", model.config)
