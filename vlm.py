@@ -13,6 +13,7 @@ families.py; checkpoints and resuming in checkpoints.py.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -410,6 +411,7 @@ def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_to
     full_mask = (None if bool(prompt_mask.all()) else
                  torch.cat([prompt_mask, prompt_mask.new_ones(len(index), max_new_tokens)], dim=1))
     p = prompt_mask.shape[1]
+    decoding_step = _decoding_step_for(model)   # resolved once, not per token
     eos_ids = torch.tensor(eos, device=device)
     tokens = torch.full((len(index), max_new_tokens), pad, device=device)
     rows = torch.arange(len(index), device=device)          # the rows still in the batch
@@ -428,21 +430,31 @@ def _sample_from_shared_prompt(model, prompts: dict, group_size: int, max_new_to
             for layer in cache.layers:
                 layer.keep_rows(keep)
         mask = full_mask[:, :p + j + 1] if full_mask is not None else None
-        logits = _decoding_step(model, cache, nxt[:, None], mask, positions[..., j:j + 1])
+        logits = decoding_step(cache, nxt[:, None], mask, positions[..., j:j + 1])
 
 
-def _decoding_step(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
-    """Logits [N, V] after one new token per row (`ids` [N, 1]); `cache` gains the token. No image
-    token follows the prompt, so a step needs only the language model and the LM head: the VLM's
-    wrapper (image merge, output bookkeeping) would do nothing but cost ~8% of sampling on a
-    small model. Bitwise the full model's logits on every family (tests/test_shared_prompt.py);
-    a model that post-processes its logits (final soft-capping) takes the full forward."""
+def _decoding_step_for(model):
+    """The function of one decoding step, (cache, ids [N, 1], mask, positions) -> logits [N, V];
+    `cache` gains the token. No image token follows the prompt, so a step needs only the language
+    model and the LM head: the VLM's wrapper (image merge, output bookkeeping) would do nothing
+    but cost ~8% of sampling on a small model. Bitwise the full model's logits on every family
+    (tests/test_shared_prompt.py); a model that post-processes its logits (final soft-capping)
+    takes the full forward."""
     text_config = getattr(model.config, "text_config", model.config)
     if getattr(text_config, "final_logit_softcapping", None):
-        return _continue_rows(model, cache, ids, attention_mask, positions)[0][:, -1, :]
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=False).last_hidden_state
-    return model.get_output_embeddings()(hidden)[:, -1, :]
+        return functools.partial(_full_forward_step, model)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+
+    def language_model_step(cache, ids, attention_mask, positions):
+        hidden = decoder(input_ids=ids, attention_mask=attention_mask, position_ids=positions,
+                         past_key_values=cache, use_cache=False).last_hidden_state
+        return head(hidden)[:, -1, :]
+    return language_model_step
+
+
+def _full_forward_step(model, cache, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
+    """One decoding step through the whole VLM: logits [N, V] after `ids` [N, 1]."""
+    return _continue_rows(model, cache, ids, attention_mask, positions)[0][:, -1, :]
 
 
 def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

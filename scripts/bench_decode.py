@@ -13,7 +13,7 @@ alternately --repeats times on the same seeds (medians):
   a multinomial draw, every row to the end,
 - `today`: vlm.sample_completions: the B prompts prefilled once, their caches copied to the G rows
   (into buffers with room for the new tokens, kv_cache.GrowingLayer), each step the language
-  model alone (vlm._decoding_step), the draw by inverse CDF (vlm.draw_from), finished rows
+  model alone (vlm._decoding_step_for), the draw by inverse CDF (vlm.draw_from), finished rows
   leaving the batch (vlm.DROP_FINISHED),
 - `- row dropping`, `- inverse CDF` (torch.multinomial instead), `- LM alone` (the whole VLM's
   forward each step): today with one saving taken away,
@@ -27,6 +27,7 @@ that they sample alike. The prototype is a measurement, not the project's code p
 """
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -115,7 +116,7 @@ def prompt_kv_once(model, max_new_tokens: int):
         positions = states.positions[:, index] if states.positions.dim() == 3 else states.positions[index]
         return cache, states.attention_mask[index], positions
 
-    def decoding_step(model, cache, ids, attention_mask, positions):
+    def decoding_step(cache, ids, attention_mask, positions):
         before, text_config._attn_implementation = text_config._attn_implementation, GROUP_PREFIX
         try:
             out = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
@@ -125,7 +126,8 @@ def prompt_kv_once(model, max_new_tokens: int):
         return out.logits[:, -1, :]
 
     with mock.patch.object(vlm.PromptStates, "for_rows", for_rows), \
-            mock.patch.object(vlm, "_decoding_step", decoding_step), mock.patch.object(vlm, "DROP_FINISHED", 2.0):
+            mock.patch.object(vlm, "_decoding_step_for", lambda m: decoding_step), \
+            mock.patch.object(vlm, "DROP_FINISHED", 2.0):
         yield
 
 
@@ -164,15 +166,13 @@ def main():
         return vlm.sample_completions(model, processor, images, group_size=args.num_generations,
                                       max_new_tokens=args.max_new_tokens, temperature=1.0)
 
-    def full_vlm_step(model, cache, ids, attention_mask, positions):
-        return vlm._continue_rows(model, cache, ids, attention_mask, positions)[0][:, -1, :]
-
     variants = {   # name -> the patches it runs under
         "generate": lambda: [mock.patch.object(vlm, "shares_prompt", lambda m: False)],
         "today": lambda: [],
         "- row dropping": lambda: [mock.patch.object(vlm, "DROP_FINISHED", 2.0)],
         "- inverse CDF": lambda: [mock.patch.object(vlm, "draw_from", lambda p: torch.multinomial(p, 1).squeeze(1))],
-        "- LM alone": lambda: [mock.patch.object(vlm, "_decoding_step", full_vlm_step)],
+        "- LM alone": lambda: [mock.patch.object(vlm, "_decoding_step_for",
+                                                lambda m: functools.partial(vlm._full_forward_step, m))],
         "prompt kv once": lambda: [prompt_kv_once(model, args.max_new_tokens)],
     }
     seconds = {name: [] for name in variants}

@@ -201,8 +201,8 @@ def test_a_decoding_step_is_the_full_models_bit_for_bit(family):
         for j in range(2):
             step_mask = torch.cat([mask, mask.new_ones(3, j + 1)], dim=1)
             args = (tokens[:, j:j + 1], step_mask, positions[..., j:j + 1])
-            got = vlm._decoding_step(model, alone, *args)
-            want = vlm._continue_rows(model, full, *args)[0][:, -1, :]
+            got = vlm._decoding_step_for(model)(alone, *args)
+            want = vlm._full_forward_step(model, full, *args)
             assert torch.equal(got, want), (name, j)
     one_prompt = vlm.encode_prompts(processor, two_images()[:1])   # no padding: decoding passes no mask
     with torch.no_grad():
@@ -210,8 +210,8 @@ def test_a_decoding_step_is_the_full_models_bit_for_bit(family):
         rows = torch.tensor([0, 0])
         (alone, mask, positions), (full, _, _) = states.for_rows(rows, True), states.for_rows(rows, True)
         step_mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
-        got = vlm._decoding_step(model, alone, tokens[:2, :1], None, positions[..., :1])
-        want = vlm._continue_rows(model, full, tokens[:2, :1], step_mask, positions[..., :1])[0][:, -1, :]
+        got = vlm._decoding_step_for(model)(alone, tokens[:2, :1], None, positions[..., :1])
+        want = vlm._full_forward_step(model, full, tokens[:2, :1], step_mask, positions[..., :1])
         assert torch.equal(got, want), name
 
 
